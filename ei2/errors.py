@@ -1,0 +1,25 @@
+"""User-facing errors: one line that names the problem and the fix, printed without a traceback by the CLIs."""
+
+import functools
+import sys
+
+
+class Ei2Error(Exception):
+    """A problem with the user's input (files, weights, config), not a bug in ei2."""
+
+
+def cli_main(fn):
+    """Decorator for a command-line `main`: an Ei2Error becomes `error: <message>` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Ei2Error as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper
