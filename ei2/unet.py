@@ -62,3 +62,349 @@ class UNetConfig:
             "downsample_padding": 1,
             "mid_block_scale_factor": 1,
         }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+from .attention import FRAME_ATTENTIONS, TEMPORAL_NORMS, Attention, FrameAttention, temporal_module  # noqa: E402
+from .errors import Ei2Error  # noqa: E402
+
+
+@dataclass
+class VideoOptions:
+    """How the image UNet is inflated for video (section 4 of the paper; Tune-A-Video for the baseline).
+
+    frame_attention: attn1 of every transformer block, "ffam" (EI², Eq. 10), "sca" (Tune-A-Video), "self" (image SD)
+        or "full" (all frames at full resolution).
+    ratio: r of FFAM, the stride of the other frames' token grid.
+    temporal: the module after each feed-forward, "stam" (EI², Eq. 9), "ta" (Tune-A-Video) or "none".
+    temporal_norm, spectral_norm: override the temporal module's normalization / spectral norm (Fig. 4 ablation).
+    resnet_norm: "video" computes the ResNet GroupNorm statistics over all frames jointly, as Tune-A-Video does;
+        "frame" per frame, as the image model. The transformers' GroupNorm is always per frame.
+    """
+
+    frame_attention: str = "ffam"
+    ratio: int = 2
+    temporal: str = "stam"
+    temporal_norm: str | None = None
+    spectral_norm: bool | None = None
+    resnet_norm: str = "video"
+
+    def __post_init__(self):
+        checks = [
+            ("frame_attention", self.frame_attention, FRAME_ATTENTIONS),
+            ("temporal", self.temporal, ("stam", "ta", "none")),
+            ("temporal_norm", self.temporal_norm, (None,) + TEMPORAL_NORMS),
+            ("resnet_norm", self.resnet_norm, ("video", "frame")),
+        ]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise Ei2Error(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+        if not (isinstance(self.ratio, int) and self.ratio >= 1):
+            raise Ei2Error(f"ratio={self.ratio!r}: the FFAM ratio r must be an integer >= 1")
+
+
+# --- Building blocks, named as in the published checkpoint -------------------------------------------------------------
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal embedding of the timesteps t (b,) -> (b, dim), as SD (DDPM / Transformer positional encoding)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    return torch.cat([emb[:, half:], emb[:, :half]], dim=-1) if flip_sin_to_cos else emb
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class VideoGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics span all n frames of a video (Tune-A-Video's inflated ResNets) when `video`."""
+
+    def __init__(self, groups: int, channels: int, eps: float, video: bool = True):
+        super().__init__(groups, channels, eps=eps)
+        self.video = video
+
+    def forward(self, x: torch.Tensor, n: int = 1) -> torch.Tensor:
+        if n == 1 or not self.video:
+            return super().forward(x)
+        bn, c, h, w = x.shape
+        # (b*n, c, h, w) -> (b, c, n*h*w): group statistics over frames and pixels together
+        y = x.view(bn // n, n, c, h * w).transpose(1, 2).reshape(bn // n, c, n * h * w)
+        y = F.group_norm(y, self.num_groups, self.weight, self.bias, self.eps)
+        return y.view(bn // n, c, n, h * w).transpose(1, 2).reshape(bn, c, h, w)
+
+
+class ResnetBlock(nn.Module):
+    """SD's ResNet block with the time embedding added between the two 3x3 convolutions (pseudo-3D: per frame)."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int, eps: float, video_norm: bool = True):
+        super().__init__()
+        self.norm1 = VideoGroupNorm(groups, in_ch, eps, video_norm)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = VideoGroupNorm(groups, out_ch, eps, video_norm)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x, temb, n: int = 1):
+        h = self.conv1(F.silu(self.norm1(x, n)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h, n)))
+        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # net.0 GEGLU, net.1 dropout (no weights), net.2 output Linear: keys match the checkpoint's "ff.net.{0,2}"
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Eq. 4 three times (frame attention, cross-attention, feed-forward), then the temporal module (Eq. 9 for STAM):
+    z <- z + attn1(norm1 z); z <- z + attn2(norm2 z, c); z <- z + ff(norm3 z); z <- z + attn_temp(norm_temp z)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, eps: float, video: VideoOptions):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = FrameAttention(dim, heads, mode=video.frame_attention, ratio=video.ratio)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+        if video.temporal == "none":
+            self.norm_temp = self.attn_temp = None
+        else:
+            self.norm_temp, self.attn_temp = temporal_module(video.temporal, dim, 8, video.temporal_norm,
+                                                             video.spectral_norm)
+
+    def forward(self, x, context, n: int, hw: tuple[int, int]):
+        x = x + self.attn1(self.norm1(x), n, hw)
+        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.ff(self.norm3(x))
+        if self.attn_temp is not None and n > 1:  # with one frame IC(z) = 0: STAM is the identity, skip it
+            bn, l, d = x.shape
+            # (b*n, l, d) -> (b*l, n, d): the n frames at each spatial location form one sequence
+            z = x.view(bn // n, n, l, d).transpose(1, 2).reshape(-1, n, d)
+            z = z + self.attn_temp(self.norm_temp(z))
+            x = z.view(bn // n, l, n, d).transpose(1, 2).reshape(bn, l, d)
+        return x
+
+
+class Transformer2D(nn.Module):
+    """SD's spatial transformer: GroupNorm (per frame), 1x1 proj_in, the blocks over h*w tokens, 1x1 proj_out, residual."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, groups: int, eps: float, video: VideoOptions):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, dim, eps=eps)
+        self.proj_in = nn.Conv2d(dim, dim, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, context_dim, eps, video)])
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x, context, n: int = 1):
+        bn, c, h, w = x.shape
+        y = self.proj_in(self.norm(x))
+        y = y.permute(0, 2, 3, 1).reshape(bn, h * w, c)  # (b*n, c, h, w) -> (b*n, h*w, c) tokens
+        for block in self.transformer_blocks:
+            y = block(y, context, n, (h, w))
+        y = y.view(bn, h, w, c).permute(0, 3, 1, 2)  # tokens -> (b*n, c, h, w)
+        return self.proj_out(y) + x
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, size):
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the UNet (a down or an up block): resnets, optional transformers, optional resampler."""
+
+    def __init__(self, resnets, attentions, sampler_name: str | None, sampler: nn.Module | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        if sampler_name:
+            setattr(self, sampler_name, nn.ModuleList([sampler]))
+
+
+# --- The UNet ----------------------------------------------------------------------------------------------------------
+
+
+class UNet(nn.Module):
+    """The SD v1 UNet over video: sample (b, 4, n, h, w), timestep, text (b, 77, 768) -> noise (b, 4, n, h, w).
+
+    Frames travel as a batch of images (b*n, c, h, w) through every 2D layer (pseudo-3D convolutions); the video
+    modules (FFAM / SCA in attn1, STAM / TA after the feed-forward, ResNet GroupNorm over frames) see the frames
+    together. With n = 1 this is exactly SD's image UNet.
+    """
+
+    def __init__(self, config: UNetConfig = UNetConfig(), video: VideoOptions = VideoOptions()):
+        super().__init__()
+        self.config, self.video = config, video
+        self.gradient_checkpointing = False
+        c = config
+        ch = c.block_out_channels
+        temb = ch[0] * 4
+        heads, groups = c.attention_head_dim, c.norm_num_groups
+
+        def resnet(i, o):
+            return ResnetBlock(i, o, temb, groups, c.norm_eps, video.resnet_norm == "video")
+
+        def transformer(d):
+            return Transformer2D(d, heads, c.cross_attention_dim, groups, c.transformer_norm_eps, video)
+
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+
+        self.down_blocks = nn.ModuleList()
+        for i, out in enumerate(ch):
+            inp = ch[max(i - 1, 0)]
+            last = i == len(ch) - 1
+            self.down_blocks.append(Level(
+                [resnet(inp if j == 0 else out, out) for j in range(c.layers_per_block)],
+                [transformer(out) for _ in range(c.layers_per_block)] if c.cross_attention[i] else None,
+                None if last else "downsamplers", None if last else Downsample(out)))
+
+        self.mid_block = Level([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], [transformer(ch[-1])], None, None)
+
+        self.up_blocks = nn.ModuleList()
+        rev = list(reversed(ch))
+        for i, out in enumerate(rev):
+            prev = rev[max(i - 1, 0)]
+            skip_in = rev[min(i + 1, len(ch) - 1)]  # channels of the down block's input at this level
+            last = i == len(ch) - 1
+            layers = c.layers_per_block + 1
+            self.up_blocks.append(Level(
+                [resnet((prev if j == 0 else out) + (skip_in if j == layers - 1 else out), out) for j in range(layers)],
+                [transformer(out) for _ in range(layers)] if c.cross_attention[::-1][i] else None,
+                None if last else "upsamplers", None if last else Upsample(out)))
+
+        self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    def _run(self, module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        b, _, n, h, w = sample.shape
+        # (b, c, n, h, w) -> (b*n, c, h, w): frames of a video stay consecutive
+        x = sample.transpose(1, 2).reshape(b * n, -1, h, w)
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
+        emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
+                                                     self.config.freq_shift).to(x.dtype))
+        emb = emb.repeat_interleave(n, dim=0)  # (b, temb) -> (b*n, temb)
+        context = encoder_hidden_states.repeat_interleave(n, dim=0)  # (b, 77, 768) -> (b*n, 77, 768)
+
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            for j, res in enumerate(block.resnets):
+                x = self._run(res, x, emb, n)
+                if block.attentions is not None:
+                    x = self._run(block.attentions[j], x, context, n)
+                skips.append(x)
+            if hasattr(block, "downsamplers"):
+                x = block.downsamplers[0](x)
+                skips.append(x)
+
+        x = self._run(self.mid_block.resnets[0], x, emb, n)
+        x = self._run(self.mid_block.attentions[0], x, context, n)
+        x = self._run(self.mid_block.resnets[1], x, emb, n)
+
+        for block in self.up_blocks:
+            for j, res in enumerate(block.resnets):
+                x = self._run(res, torch.cat([x, skips.pop()], dim=1), emb, n)
+                if block.attentions is not None:
+                    x = self._run(block.attentions[j], x, context, n)
+            if hasattr(block, "upsamplers"):
+                x = block.upsamplers[0](x, skips[-1].shape[-2:])
+
+        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return x.view(b, n, -1, h, w).transpose(1, 2)  # (b*n, c, h, w) -> (b, c, n, h, w)
+
+    # --- Loading and the trainable set -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", **video_options) -> "UNet":
+        """SD weights from a diffusers folder (`path/unet/`), the unet folder itself, or a single CompVis checkpoint.
+
+        `video_options` are the fields of VideoOptions (frame_attention, ratio, temporal, temporal_norm,
+        spectral_norm, resnet_norm). The temporal modules are not in SD's file: they are created fresh."""
+        from .checkpoint import load_exact, open_component, read_state_dict
+
+        unknown = set(video_options) - set(VideoOptions.__dataclass_fields__)
+        if unknown:
+            raise Ei2Error(f"unknown video option(s) {sorted(unknown)}; valid: {list(VideoOptions.__dataclass_fields__)}")
+        component = open_component(path, "unet")
+        config = UNetConfig.from_dict(component.config) if component.config else UNetConfig()
+        model = cls(config, VideoOptions(**video_options))
+        state = read_state_dict(component.weights)
+        if component.single_file:
+            from .convert import compvis_unet_key_map, from_compvis
+
+            state = from_compvis(state, compvis_unet_key_map(config), str(component.weights))
+        load_exact(model, state, f"UNet weights {component.weights}", fresh=is_temporal_key)
+        return model.to(device=device, dtype=dtype)
+
+
+def is_temporal_key(name: str) -> bool:
+    """Tensors of the temporal modules (STAM / TA), which an image checkpoint does not hold."""
+    return ".attn_temp." in name or ".norm_temp." in name
+
+
+def is_trainable_key(name: str) -> bool:
+    """The paper's trainable set (section 5): W_Q of FFAM (attn1.to_q) and of cross-attention (attn2.to_q), and every
+    parameter of the temporal attention (STAM; for `ta` Tune-A-Video's attn_temp). Norms stay frozen."""
+    return name.endswith(("attn1.to_q.weight", "attn2.to_q.weight")) or ".attn_temp." in name
+
+
+def mark_trainable(unet: nn.Module) -> int:
+    """Freeze everything but the paper's trainable set; return the number of trainable parameters."""
+    count = 0
+    for name, p in unet.named_parameters():
+        p.requires_grad_(is_trainable_key(name))
+        count += p.numel() if p.requires_grad else 0
+    return count
