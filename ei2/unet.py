@@ -210,7 +210,7 @@ class BasicTransformerBlock(nn.Module):
         x = x + self.attn1(self.norm1(x), n, hw)
         x = x + self.attn2(self.norm2(x), context)
         x = x + self.ff(self.norm3(x))
-        if self.attn_temp is not None and n > 1:  # with one frame IC(z) = 0: STAM is the identity, skip it
+        if self.attn_temp is not None:  # with one frame IC(z) = 0, so STAM is then the identity (b starts at 0)
             bn, l, d = x.shape
             # (b*n, l, d) -> (b*l, n, d): the n frames at each spatial location form one sequence
             z = x.view(bn // n, n, l, d).transpose(1, 2).reshape(-1, n, d)
@@ -368,9 +368,11 @@ class UNet(nn.Module):
     # --- Loading and the trainable set -------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", **video_options) -> "UNet":
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", config: UNetConfig | None = None,
+                        **video_options) -> "UNet":
         """SD weights from a diffusers folder (`path/unet/`), the unet folder itself, or a single CompVis checkpoint.
 
+        `config` overrides the folder's config.json (a single file has none: SD v1-4's is the default).
         `video_options` are the fields of VideoOptions (frame_attention, ratio, temporal, temporal_norm,
         spectral_norm, resnet_norm). The temporal modules are not in SD's file: they are created fresh."""
         from .checkpoint import load_exact, open_component, read_state_dict
@@ -379,7 +381,8 @@ class UNet(nn.Module):
         if unknown:
             raise Ei2Error(f"unknown video option(s) {sorted(unknown)}; valid: {list(VideoOptions.__dataclass_fields__)}")
         component = open_component(path, "unet")
-        config = UNetConfig.from_dict(component.config) if component.config else UNetConfig()
+        if config is None:
+            config = UNetConfig.from_dict(component.config) if component.config else UNetConfig()
         model = cls(config, VideoOptions(**video_options))
         state = read_state_dict(component.weights)
         if component.single_file:
