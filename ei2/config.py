@@ -1,0 +1,268 @@
+"""The settings of one tuning + editing run: a YAML file, then `--key value` overrides from the command line.
+
+Defaults are the paper's (section 5: 8 frames of 512x512, AdamW at 3e-5 for 500 steps, guidance 7.5 from a DDIM
+inversion) and, where the paper is silent, Tune-A-Video's, which it follows (grad clip 1.0, weight decay 1e-2, 50 DDIM
+steps, seed 33). The one-line help of every field is also the README's table of config keys (`describe_keys`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .attention import FRAME_ATTENTIONS, TEMPORAL_NORMS
+from .checkpoint import atomic_path
+from .errors import Ei2Error
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _key(default, help: str):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    model: str = _key("weights/stable-diffusion-v1-4", "Stable Diffusion v1-4: diffusers folder or one-file checkpoint")
+    video: str = _key("", "input video: an mp4 (or any ffmpeg video), a gif or a folder of frames")
+    caption: str = _key("", "text prompt describing the input video, used for tuning and inversion")
+    edit_prompts: list[str] = _key([], "prompts to render edited videos with (one output video each)")
+    n_frames: int = _key(8, "number of frames sampled from the video (paper: 8)")
+    start: int = _key(0, "index of the first frame sampled")
+    stride: int = _key(1, "take every stride-th frame from start on")
+    size: int = _key(512, "frames are resized (short side) and center-cropped to size x size; a multiple of 64")
+    steps: int = _key(500, "tuning steps (paper: 500)")
+    learning_rate: float = _key(3e-5, "AdamW learning rate (paper: 3e-5)")
+    weight_decay: float = _key(1e-2, "AdamW weight decay (Tune-A-Video: 1e-2)")
+    grad_clip: float = _key(1.0, "gradient norm clipping (Tune-A-Video: 1.0)")
+    seed: int = _key(33, "random seed of tuning noise, timesteps and sampling (Tune-A-Video: 33)")
+    guidance: float = _key(7.5, "classifier-free guidance scale of the edits (paper: 7.5; 1 turns it off)")
+    inference_steps: int = _key(50, "DDIM steps when rendering edits")
+    inversion_steps: int = _key(50, "DDIM inversion steps that give the edits' starting noise")
+    frame_attention: str = _key("ffam", "attn1 of each transformer: ffam (EI²), sca (Tune-A-Video), self, full")
+    ratio: int = _key(2, "FFAM ratio r: stride of the other frames' coarse token grid")
+    temporal: str = _key("stam", "temporal module: stam (EI²), ta (Tune-A-Video) or none")
+    temporal_norm: str | None = _key(None, "temporal module's norm override (ablation): " + "/".join(TEMPORAL_NORMS))
+    spectral_norm: bool | None = _key(None, "override the temporal module's spectral norm (ablation): true or false")
+    resnet_norm: str = _key("video", "ResNet GroupNorm statistics over all frames (video) or per frame (frame)")
+    precision: str = _key("auto", "auto (bf16 on CUDA if supported, else fp16; fp32 on CPU), fp32, bf16 or fp16")
+    gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass to save memory")
+    checkpoint_every: int = _key(100, "save the tuned weights every this many steps (0: only at the end)")
+    output_dir: str = _key("runs/<name>", "where outputs go; <name> is the config file's name")
+    fps: int = _key(8, "frame rate of the written videos")
+    device: str = _key("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TYPES = typing.get_type_hints(TrainConfig)
+NULLS = ("null", "Null", "NULL", "~")
+
+
+def describe_keys() -> list[tuple[str, object, str]]:
+    """(key, default, one-line description) of every setting, in declaration order."""
+    defaults = TrainConfig()
+    return [(name, getattr(defaults, name), f.metadata["help"]) for name, f in FIELDS.items()]
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from defaults, then the YAML file `path` (if any), then command-line `overrides` such as
+    ["--steps", "10", "--edit_prompts", "a", "b", "--learning-rate=1e-4"]; validated. `<name>` in output_dir becomes
+    the config file's stem ("run" without a file)."""
+    values: dict[str, object] = {}
+    if path is not None:
+        for key, value in _read_yaml(Path(path)).items():
+            name = _field_name(str(key), f"in {path}")
+            values[name] = _coerce(name, value)
+    for key, raw in _split_overrides(overrides or []):
+        name = _field_name(key, "on the command line")
+        values[name] = _coerce(name, _parse_cli(name, raw))
+    cfg = TrainConfig(**values)
+    cfg.output_dir = cfg.output_dir.replace("<name>", Path(path).stem if path is not None else "run")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically); `load_config(path)` gives it back."""
+    text = "# resolved ei2 config\n" + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise Ei2Error(f"config file not found: {path}; pass --config with the path of a YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise Ei2Error(f"YAML syntax error in {path}{where}: {problem}; fix that line") from None
+    except UnicodeDecodeError:
+        raise Ei2Error(f"{path} is not a UTF-8 text file; pass a YAML config") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise Ei2Error(f"{path} must hold `key: value` lines at the top level, not a {type(data).__name__}")
+    return data
+
+
+def _split_overrides(args: list[str]) -> list[tuple[str, list[str]]]:
+    out: list[tuple[str, list[str]]] = []
+    for arg in args:
+        if arg.startswith("--") and len(arg) > 2:
+            key, eq, value = arg[2:].partition("=")
+            out.append((key, [value] if eq else []))
+        elif out:
+            out[-1][1].append(arg)
+        else:
+            raise Ei2Error(f"unexpected argument {arg!r}; overrides look like --key value (e.g. --steps 100)")
+    return out
+
+
+def _field_name(key: str, where: str) -> str:
+    name = key.replace("-", "_")
+    if name in FIELDS:
+        return name
+    close = difflib.get_close_matches(name, list(FIELDS), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(FIELDS)}"
+    raise Ei2Error(f"unknown config key '{key}'; {hint}{f' ({where})' if where else ''}")
+
+
+def _is_str_type(tp) -> bool:
+    return tp is str or typing.get_args(tp) == (str, type(None)) or typing.get_origin(tp) is list
+
+
+def _parse_cli(name: str, raw: list[str]):
+    """Command-line text -> a Python value: YAML scalars for numbers and booleans; text fields stay verbatim (a
+    caption such as "a cat: sitting" is not YAML-parsed), except null/~ for an optional field."""
+    tp = TYPES[name]
+    if typing.get_origin(tp) is list:
+        return list(raw)
+    if tp is bool and not raw:
+        return True  # a bare --gradient_checkpointing
+    if len(raw) != 1:
+        raise Ei2Error(f"--{name} takes one value, got {len(raw)}: {' '.join(raw) or '(none)'}; quote text with spaces")
+    if _is_str_type(tp):
+        return None if raw[0] in NULLS and type(None) in typing.get_args(tp) else raw[0]
+    try:
+        return yaml.safe_load(raw[0])
+    except yaml.YAMLError:
+        return raw[0]
+
+
+def _coerce(name: str, value):
+    tp = TYPES[name]
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    wanted = {int: "an integer", float: "a number", bool: "true or false", str: "a text"}.get(tp, "a list of texts")
+    bad = Ei2Error(f"{name} must be {wanted}, got {value!r}")
+    if typing.get_origin(tp) is list:
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                                  for v in value):
+            raise bad
+        return [str(v) for v in value]
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # PyYAML reads 3e-5 (no dot) as text
+            except ValueError:
+                raise bad from None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad
+        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise bad
+    return value
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise Ei2Error for the first setting that cannot work, naming it and what it accepts."""
+    checks = [
+        (cfg.model.strip(), "model is empty; set `model:` to the Stable Diffusion v1-4 folder or checkpoint"),
+        (cfg.video.strip(), "no video set; set `video:` in the config (or --video) to an mp4, gif or frame folder"),
+        (cfg.caption.strip(), "caption is empty; set `caption:` to a prompt describing the input video"),
+        (cfg.size > 0 and cfg.size % 64 == 0,
+         f"size={cfg.size} must be a positive multiple of 64 (SD's UNet halves the 1/8 latent 3 times); e.g. 512"),
+        (cfg.n_frames >= 1, f"n_frames={cfg.n_frames} must be >= 1"),
+        (cfg.start >= 0, f"start={cfg.start} must be >= 0"),
+        (cfg.stride >= 1, f"stride={cfg.stride} must be >= 1"),
+        (cfg.steps >= 0, f"steps={cfg.steps} must be >= 0 (0 skips tuning)"),
+        (cfg.learning_rate > 0, f"learning_rate={cfg.learning_rate} must be > 0"),
+        (cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0"),
+        (cfg.grad_clip > 0, f"grad_clip={cfg.grad_clip} must be > 0"),
+        (cfg.guidance >= 1, f"guidance={cfg.guidance} must be >= 1 (1 turns classifier-free guidance off)"),
+        (1 <= cfg.inference_steps <= 1000, f"inference_steps={cfg.inference_steps} must be in 1..1000"),
+        (1 <= cfg.inversion_steps <= 1000, f"inversion_steps={cfg.inversion_steps} must be in 1..1000"),
+        (cfg.ratio >= 1, f"ratio={cfg.ratio} must be >= 1"),
+        (cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every} must be >= 0 (0: only at the end)"),
+        (cfg.fps > 0, f"fps={cfg.fps} must be > 0"),
+        (cfg.output_dir.strip(), "output_dir is empty; set it to a folder for the outputs"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device),
+         f"device={cfg.device!r} must be auto, cpu, cuda, cuda:N or mps"),
+    ]
+    choices = [
+        ("frame_attention", cfg.frame_attention, FRAME_ATTENTIONS),
+        ("temporal", cfg.temporal, ("stam", "ta", "none")),
+        ("temporal_norm", cfg.temporal_norm, (None,) + TEMPORAL_NORMS),
+        ("resnet_norm", cfg.resnet_norm, ("video", "frame")),
+        ("precision", cfg.precision, PRECISIONS),
+    ]
+    checks += [(value in allowed, f"{name}={value!r} is not one of {', '.join(str(a) for a in allowed)}")
+               for name, value, allowed in choices]
+    checks += [(p.strip(), f"edit prompt {i + 1} is empty; remove it or write the edit") for i, p in
+               enumerate(cfg.edit_prompts)]
+    for ok, message in checks:
+        if not ok:
+            raise Ei2Error(message)
+
+
+def resolve_device(device: str = "auto"):
+    """torch.device for a config's `device`; Ei2Error when CUDA is asked for but not available."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Ei2Error(f"device={device} but CUDA is not available here; use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device):
+    """torch dtype for a config's `precision` on `device`: auto is bf16 on CUDA when supported, else fp16, and fp32
+    elsewhere."""
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    if precision == "auto":
+        if not cuda:
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -1,0 +1,414 @@
+"""Video in and out: read n frames of an mp4 / gif / folder of images as a model-sized tensor, write mp4 / gif / png
+atomically, lay clips side by side or in a grid, and draw a small synthetic clip for demos and tests.
+
+Frames travel as torch tensors (n, 3, H, W) in [-1, 1] into the model and as uint8 arrays (n, H, W, 3) out of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import Ei2Error
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+GIF_EXTS = (".gif",)
+VIDEO_HINT = "set `video:` in the config to an mp4, gif or a folder of frames"
+
+
+# --- Reading ------------------------------------------------------------------------------------------------------
+
+
+def read_frames(
+    path: str | os.PathLike, n_frames: int, start: int = 0, stride: int = 1, size: int = 512
+) -> torch.Tensor:
+    """Frames start, start+stride, ..., start+(n_frames-1)*stride of a video file (mp4 or anything ffmpeg reads), a
+    .gif or a folder of images (natural name order), each resized so its short side is `size` (bicubic) and
+    center-cropped to size x size. Returns float32 (n_frames, 3, size, size) in [-1, 1]. Decoding stops at the last
+    frame needed."""
+    _check_sampling(n_frames, start, stride, size)
+    path = Path(path)
+    if not path.exists():
+        raise Ei2Error(f"video not found: {path}; {VIDEO_HINT}")
+    wanted = [start + i * stride for i in range(n_frames)]
+    last, wanted_set = wanted[-1], set(wanted)
+    if path.is_dir():
+        files = image_files(path)
+        if not files:
+            raise Ei2Error(f"no images ({', '.join(IMAGE_EXTS)}) in folder {path}; {VIDEO_HINT}")
+        if last >= len(files):
+            raise _too_short(path, len(files), n_frames, start, stride)
+        frames = {i: _open_image(files[i]) for i in wanted}
+    else:
+        ext = path.suffix.lower()
+        if ext in GIF_EXTS:
+            reader = _iter_gif(path)
+        elif ext in IMAGE_EXTS:
+            reader = _iter_image(path)  # a single image is a one-frame video
+        else:
+            reader = _iter_ffmpeg(path, last + 1)
+        frames, count = {}, 0
+        try:
+            for i, frame in enumerate(reader):
+                count = i + 1
+                if i in wanted_set:
+                    frames[i] = frame
+                if i >= last:
+                    break
+        except Ei2Error:
+            raise
+        except Exception as e:  # imageio-ffmpeg raises OSError/RuntimeError, Pillow OSError/ValueError/EOFError
+            raise Ei2Error(
+                f"could not read video {path} ({_first_line(e)}); is it a valid, complete video file?"
+            ) from None
+        finally:
+            with contextlib.suppress(Exception):
+                reader.close()  # stops ffmpeg early
+        if count == 0:
+            raise Ei2Error(f"video {path} has no frames; {VIDEO_HINT}")
+        if last >= count:
+            raise _too_short(path, count, n_frames, start, stride)
+    out = np.stack([np.asarray(_resize_crop(frames[i], size), dtype=np.uint8) for i in wanted])
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+
+
+def _check_sampling(n_frames: int, start: int, stride: int, size: int) -> None:
+    if not isinstance(size, int) or size <= 0 or size % 64:
+        raise Ei2Error(
+            f"size={size!r} must be a positive multiple of 64: SD's VAE works at 1/8 resolution and its UNet halves "
+            "that latent 3 times; use e.g. 512 or 256"
+        )
+    if not isinstance(n_frames, int) or n_frames < 1:
+        raise Ei2Error(f"n_frames={n_frames!r} must be an integer >= 1")
+    if not isinstance(start, int) or start < 0:
+        raise Ei2Error(f"start={start!r} must be an integer >= 0")
+    if not isinstance(stride, int) or stride < 1:
+        raise Ei2Error(f"stride={stride!r} must be an integer >= 1")
+
+
+def _too_short(path: Path, count: int, n_frames: int, start: int, stride: int) -> Ei2Error:
+    need = start + (n_frames - 1) * stride + 1
+    return Ei2Error(
+        f"{path} has {count} frames but n_frames={n_frames}, start={start}, stride={stride} need {need}; "
+        "use a smaller stride, start or n_frames"
+    )
+
+
+def natural_key(name: str) -> list:
+    """Sort key under which frame2 < frame10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The images of a folder, in natural name order (hidden files skipped)."""
+    files = [p for p in Path(folder).iterdir()
+             if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise Ei2Error(f"could not read image {path} ({_first_line(e)}); remove or replace it") from None
+
+
+def _iter_image(path: Path) -> Iterator[Image.Image]:
+    yield _open_image(path)
+
+
+def _iter_gif(path: Path) -> Iterator[Image.Image]:
+    with Image.open(path) as im:
+        for i in range(getattr(im, "n_frames", 1)):
+            im.seek(i)
+            yield im.convert("RGB")
+
+
+def _iter_ffmpeg(path: Path, max_frames: int) -> Iterator[Image.Image]:
+    import imageio_ffmpeg
+
+    gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=["-frames:v", str(max_frames)])
+    try:
+        meta = next(gen)
+        w, h = meta["size"]
+        for data in gen:
+            if len(data) != w * h * 3:
+                raise OSError(f"frame of {len(data)} bytes, expected {w}x{h}x3")
+            yield Image.frombytes("RGB", (w, h), data)
+    finally:
+        gen.close()
+
+
+def _resize_crop(im: Image.Image, size: int) -> Image.Image:
+    w, h = im.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return im
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message; for imageio-ffmpeg, also ffmpeg's last stderr line (its verdict)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[0]
+    if "=== stderr ===" in lines and lines[-1] != "=== stderr ===":
+        text += ": " + re.sub(r"^\[[^\]]*\]\s*", "", lines[-1])
+    return text[:300]
+
+
+# --- Writing ------------------------------------------------------------------------------------------------------
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """(n, 3, H, W) in [-1, 1] -> (n, H, W, 3) uint8 (values outside [-1, 1] are clipped)."""
+    if frames.dim() != 4 or frames.shape[1] != 3:
+        raise ValueError(f"expected frames of shape (n, 3, H, W), got {tuple(frames.shape)}")
+    x = ((frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path `.<name>.<random>.tmp<ext>` next to `path` (same extension, so ffmpeg and Pillow pick
+    the format from it); renamed onto `path` on success, removed on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _check_frame(frame, shape: tuple[int, ...] | None, index: int) -> np.ndarray:
+    frame = np.asarray(frame)
+    wrong = frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3
+    if wrong or (shape is not None and frame.shape != shape):
+        want = f"{shape}" if shape is not None else "(H, W, 3)"
+        raise Ei2Error(f"frame {index} is {frame.dtype} {frame.shape}, expected uint8 {want}; convert with to_uint8")
+    return frame
+
+
+def write_video(frames: np.ndarray | Sequence[np.ndarray], path: str | os.PathLike, fps: float = 8) -> Path:
+    """Write uint8 frames (n, H, W, 3) as .mp4 (H.264, yuv420p; odd sizes are padded by one edge pixel) or .gif
+    (looping, 1000/fps ms per frame, every frame kept even when equal to the previous). Atomic: a failure leaves no
+    file and no temporary file behind. Returns the path."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in (".mp4", ".gif"):
+        raise Ei2Error(f"cannot write video {path}: use a .mp4 or .gif file name")
+    if len(frames) == 0:
+        raise Ei2Error(f"no frames to write to {path}")
+    if not fps > 0:
+        raise Ei2Error(f"fps={fps!r} must be > 0")
+    shape = _check_frame(frames[0], None, 0).shape
+    with atomic_file(path) as tmp:
+        if ext == ".gif":
+            _write_gif(frames, shape, tmp, fps)
+        else:
+            _write_mp4(frames, shape, tmp, fps)
+    return path
+
+
+def _write_mp4(frames, shape, tmp: Path, fps: float) -> None:
+    import imageio_ffmpeg
+
+    h, w = shape[:2]
+    ph, pw = h % 2, w % 2  # yuv420p needs even sizes
+    writer = imageio_ffmpeg.write_frames(
+        str(tmp), (w + pw, h + ph), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
+        macro_block_size=1, ffmpeg_log_level="error",
+        output_params=["-crf", "18", "-preset", "medium", "-movflags", "+faststart"],
+    )
+    writer.send(None)  # start ffmpeg
+    try:
+        for i, frame in enumerate(frames):
+            frame = _check_frame(frame, shape, i)
+            if ph or pw:
+                frame = np.pad(frame, ((0, ph), (0, pw), (0, 0)), mode="edge")
+            writer.send(np.ascontiguousarray(frame))
+    finally:
+        writer.close()
+
+
+def _write_gif(frames, shape, tmp: Path, fps: float) -> None:
+    # Pillow's save_all merges a frame equal to the previous one into it, which would change the frame count, so the
+    # file is assembled from Pillow's per-frame GIF encoder: each frame gets its own (local) palette.
+    from PIL import GifImagePlugin
+
+    duration = max(1, round(1000 / fps))
+    with open(tmp, "wb") as f:
+        for i, frame in enumerate(frames):
+            im = Image.fromarray(_check_frame(frame, shape, i))
+            im = im.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+            if i == 0:
+                header, _ = GifImagePlugin.getheader(im, info={"loop": 0, "duration": duration})
+                for part in header:
+                    f.write(part)
+            for part in GifImagePlugin.getdata(im, duration=duration, disposal=1, include_color_table=True):
+                f.write(part)
+        f.write(b";")
+
+
+def write_image(array: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a uint8 (H, W, 3) image atomically (format from the extension, normally .png). Returns the path."""
+    path = Path(path)
+    array = _check_frame(array, None, 0)
+    with atomic_file(path) as tmp:
+        Image.fromarray(array).save(tmp)
+    return path
+
+
+# --- Layout -------------------------------------------------------------------------------------------------------
+
+LABEL_HEIGHT = 16
+
+
+def _label_strip(text: str, width: int) -> np.ndarray:
+    strip = Image.new("RGB", (width, LABEL_HEIGHT), (255, 255, 255))
+    try:
+        font = ImageFont.load_default()
+        draw = ImageDraw.Draw(strip)
+        while text and draw.textlength(text, font=font) > width - 4:  # cut to fit the column
+            text = text[:-1]
+        draw.text((2, 2), text, fill=(0, 0, 0), font=font)
+    except Exception:  # no usable font: leave the strip blank
+        pass
+    return np.asarray(strip, dtype=np.uint8)
+
+
+def _check_clips(clips: Sequence[np.ndarray], labels: Sequence[str] | None, same: str) -> list[np.ndarray]:
+    clips = [np.asarray(c) for c in clips]
+    if not clips:
+        raise ValueError("no clips")
+    for c in clips:
+        if c.dtype != np.uint8 or c.ndim != 4 or c.shape[3] != 3:
+            raise ValueError(f"expected uint8 clips (n, H, W, 3), got {c.dtype} {c.shape}")
+    key = (lambda c: c.shape[:2]) if same == "nh" else (lambda c: c.shape)
+    if len({key(c) for c in clips}) != 1:
+        raise ValueError(f"clips differ in shape: {[c.shape for c in clips]}")
+    if labels is not None and len(labels) != len(clips):
+        raise ValueError(f"{len(labels)} labels for {len(clips)} clips")
+    return clips
+
+
+def side_by_side(clips: Sequence[np.ndarray], labels: Sequence[str] | None = None) -> np.ndarray:
+    """Clips (n, H, W_i, 3) placed left to right -> (n, H [+16 with labels], sum W_i, 3); a label above each column."""
+    clips = _check_clips(clips, labels, same="nh")
+    out = np.concatenate(clips, axis=2)
+    if labels is not None:
+        strip = np.concatenate([_label_strip(t, c.shape[2]) for t, c in zip(labels, clips)], axis=1)
+        out = np.concatenate([np.broadcast_to(strip, (out.shape[0], *strip.shape)), out], axis=1)
+    return np.ascontiguousarray(out)
+
+
+def frame_grid(clips: Sequence[np.ndarray], labels: Sequence[str] | None = None) -> np.ndarray:
+    """One row per clip, one column per frame: clips (n, H, W, 3) -> (rows * (H [+16 with labels]), n * W, 3), with a
+    label strip above each row."""
+    clips = _check_clips(clips, labels, same="all")
+    rows = []
+    for i, c in enumerate(clips):
+        row = np.concatenate(list(c), axis=1)
+        if labels is not None:
+            rows.append(_label_strip(labels[i], row.shape[1]))
+        rows.append(row)
+    return np.ascontiguousarray(np.concatenate(rows, axis=0))
+
+
+# --- Synthetic scenes ---------------------------------------------------------------------------------------------
+
+COLORS = {
+    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
+    "orange": (245, 130, 20), "purple": (130, 40, 170), "pink": (240, 110, 180), "cyan": (20, 200, 210),
+    "white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+STAR_INNER = float(np.sin(np.pi / 10) / np.sin(3 * np.pi / 10))  # a regular five-pointed star (pentagram)
+
+
+def _rgb(color) -> np.ndarray:
+    if isinstance(color, str):
+        if color not in COLORS:
+            raise ValueError(f"unknown color {color!r}; one of {', '.join(COLORS)}")
+        color = COLORS[color]
+    return np.asarray(color, dtype=np.uint8)
+
+
+def _inside_polygon(x: np.ndarray, y: np.ndarray, poly: np.ndarray) -> np.ndarray:
+    """Even-odd rule for the points (x, y) against the polygon's vertices (k, 2)."""
+    inside = np.zeros(x.shape, dtype=bool)
+    for (x0, y0), (x1, y1) in zip(poly, np.roll(poly, -1, axis=0)):
+        crosses = (y0 > y) != (y1 > y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xc = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (x < xc)
+    return inside
+
+
+def shape_mask(shape: str, center: tuple[float, float], radius: float, size: int) -> np.ndarray:
+    """Boolean (size, size) mask of a shape inscribed in the circle (center=(x, y), radius), pixel centers sampled
+    (no anti-aliasing). Squares are axis-aligned, triangles and stars point up."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    cx, cy = center
+    if shape == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= radius**2
+    if shape == "square":
+        half = radius / np.sqrt(2)
+        return (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
+    if shape in ("triangle", "star"):
+        k = 3 if shape == "triangle" else 10
+        r = np.full(k, radius) if shape == "triangle" else np.where(np.arange(k) % 2 == 0, radius, STAR_INNER * radius)
+        angles = -np.pi / 2 + 2 * np.pi * np.arange(k) / k
+        poly = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1)
+        return _inside_polygon(x, y, poly)
+    raise ValueError(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}")
+
+
+def draw_scene(shape: str, color, background, center: tuple[float, float], radius: float, size: int) -> np.ndarray:
+    """A uint8 (size, size, 3) image: one `shape` (circle/square/triangle/star) of `color` (a name of COLORS or an RGB
+    tuple) centered at (x, y) with circumradius `radius`, on a plain `background` (name or RGB)."""
+    img = np.empty((size, size, 3), dtype=np.uint8)
+    img[:] = _rgb(background)
+    img[shape_mask(shape, center, radius, size)] = _rgb(color)
+    return img
+
+
+def demo_frames(n_frames: int = 8, size: int = 64, seed: int = 0) -> np.ndarray:
+    """uint8 (n, size, size, 3): a red circle moving left to right on white; radius and height from the seed."""
+    rng = np.random.default_rng(seed)
+    radius = size * rng.uniform(0.12, 0.2)
+    cy = rng.uniform(radius, size - radius)
+    xs = np.linspace(radius, size - radius, n_frames) if n_frames > 1 else [size / 2]
+    return np.stack([draw_scene("circle", "red", "white", (float(cx), cy), radius, size) for cx in xs])
+
+
+def make_demo_clip(folder_or_path: str | os.PathLike, n_frames: int = 8, size: int = 64, seed: int = 0) -> Path:
+    """Write `demo_frames` to a .gif or .mp4 path, or otherwise as frame_0000.png ... into that folder; returns the
+    path. The same arguments always give the same pixels (and, for gif and png, the same bytes)."""
+    path = Path(folder_or_path)
+    frames = demo_frames(n_frames, size, seed)
+    if path.suffix.lower() in (".gif", ".mp4"):
+        return write_video(frames, path, fps=8)
+    path.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        write_image(frame, path / f"frame_{i:04d}.png")
+    return path
