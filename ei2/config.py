@@ -243,26 +243,3 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise Ei2Error(message)
 
-
-def resolve_device(device: str = "auto"):
-    """torch.device for a config's `device`; Ei2Error when CUDA is asked for but not available."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Ei2Error(f"device={device} but CUDA is not available here; use --device cpu or auto")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device):
-    """torch dtype for a config's `precision` on `device`: auto is bf16 on CUDA when supported, else fp16, and fp32
-    elsewhere."""
-    import torch
-
-    cuda = torch.device(device).type == "cuda"
-    if precision == "auto":
-        if not cuda:
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -117,7 +117,9 @@ class TextEncoder(nn.Module):
             raise Ei2Error(f"incomplete model folder: {', '.join(map(str, missing))} not found; {_files_hint(path)}")
 
         from transformers import CLIPTextModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # ei2 prints its own progress; transformers' load bar is noise on stderr
         try:
             # dtype is applied after loading: transformers 4 calls the argument torch_dtype and 5 calls it dtype
             model, info = CLIPTextModel.from_pretrained(str(te), local_files_only=True, output_loading_info=True)

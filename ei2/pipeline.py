@@ -1,0 +1,204 @@
+"""The EI² job as functions (paper Fig. 2 a-b): load SD and inflate it, tune on one video (Eq. 2), DDIM-invert the
+video with the tuned model, render edits with classifier-free guidance. `ei2.train` and `ei2.edit` are thin CLIs
+around these.
+
+Latent layouts: the VAE works on frames (n, 4, h, w); the UNet on a video (1, 4, n, h, w).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import ddim
+from .errors import Ei2Error
+from .text import TextEncoder
+from .unet import UNet, VideoOptions, mark_trainable
+from .vae import AutoencoderKL
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Ei2Error(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 on a CUDA card that has it, else fp16; fp32 on CPU (CPU half-precision kernels are slow)."""
+    if name == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return name
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+@dataclass
+class Models:
+    unet: UNet
+    vae: AutoencoderKL
+    text: TextEncoder
+    device: torch.device
+    precision: str
+
+    def autocast(self):
+        return autocast(self.device, self.precision)
+
+
+def check_model(model: str) -> None:
+    """Before loading anything: every file of an SD folder that is missing, in one message."""
+    from pathlib import Path
+
+    from .checkpoint import WEIGHT_NAMES
+
+    root = Path(model)
+    if root.is_file():
+        return
+    if not root.is_dir():
+        raise Ei2Error(f"model not found at {root}: put Stable Diffusion v1-4 there in the diffusers folder layout "
+                       "(unet/, vae/, text_encoder/, tokenizer/) or point `model:` at a checkpoint; see weights/README.md")
+    missing = []
+    for part in ("unet", "vae", "text_encoder"):
+        if not (root / part / "config.json").is_file():
+            missing.append(f"{part}/config.json")
+        if not any((root / part / w).is_file() for w in WEIGHT_NAMES[part]):
+            missing.append(f"{part}/{WEIGHT_NAMES[part][0]}")
+    missing += [f"tokenizer/{f}" for f in ("vocab.json", "merges.txt") if not (root / "tokenizer" / f).is_file()]
+    if missing:
+        raise Ei2Error(f"incomplete model folder {root}: missing {', '.join(missing)}; see weights/README.md for "
+                       "what goes where and how to download it")
+
+
+def load_models(model: str, video: VideoOptions, device: torch.device, precision: str) -> Models:
+    """SD's text encoder and VAE (frozen) and its UNet inflated with `video` (temporal modules fresh).
+
+    Under bf16/fp16 the frozen UNet weights are stored in that dtype and only the trainable tensors keep fp32 master
+    copies (mark_trainable runs first): the memory of the frozen 860 M parameters halves, results do not change
+    because autocast runs those layers in the low dtype anyway."""
+    check_model(model)
+    text = TextEncoder.from_pretrained(model, device=device)
+    vae = AutoencoderKL.from_pretrained(model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(device)
+    unet = UNet.from_pretrained(model, **dataclasses.asdict(video)).to(device)
+    mark_trainable(unet)
+    if precision != "fp32":
+        with torch.no_grad():
+            for p in unet.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(DTYPES[precision])
+    return Models(unet, vae, text, device, precision)
+
+
+@torch.no_grad()
+def encode_video(models: Models, frames: torch.Tensor):
+    """frames (n, 3, H, W) in [-1, 1] -> the VAE posterior over the frames' latents, computed once (its moments are
+    reused by every tuning step, which draws a fresh sample)."""
+    return models.vae.encode(frames.to(models.device))
+
+
+def to_video(latents: torch.Tensor) -> torch.Tensor:
+    """(n, 4, h, w) frame latents -> (1, 4, n, h, w) video latent."""
+    return latents.transpose(0, 1)[None]
+
+
+def to_frames(latent: torch.Tensor) -> torch.Tensor:
+    """(1, 4, n, h, w) video latent -> (n, 4, h, w) frame latents."""
+    return latent[0].transpose(0, 1)
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int):
+        super().__init__(f"non-finite loss at step {step}")
+        self.step = step
+
+
+def tune_steps(models: Models, posterior, context: torch.Tensor, optimizer, generator: torch.Generator,
+               start: int, steps: int, grad_clip: float, scaler=None, sync_every: int = 10, on_sync=None,
+               progress: bool = True):
+    """Steps start..steps-1 of one-shot tuning (Eq. 2): x_0 = a fresh posterior sample of the clip (scaled), t uniform
+    in [0, 1000), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, loss = ||eps - eps_theta(x_t, t, caption)||^2.
+
+    Losses stay on the device and are read every `sync_every` steps (no per-step host synchronization); then
+    `on_sync(step, losses)` is called (checkpointing), after checking they are finite (else NonFiniteLoss)."""
+    unet, device = models.unet, models.device
+    params = [p for p in unet.parameters() if p.requires_grad]
+    scale = models.vae.config.scaling_factor
+    alphas = ddim.alphas_cumprod().to(device)
+    pending: list[torch.Tensor] = []
+    unet.train()
+    bar = tqdm(range(start, steps), desc="tuning", initial=start, total=steps, disable=not progress)
+    for step in bar:
+        x0 = to_video(posterior.sample(generator).float() * scale)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        t = torch.randint(0, len(alphas), (1,), generator=generator, device=device)
+        xt = ddim.add_noise(x0, noise, t, alphas)
+        with models.autocast():
+            pred = unet(xt, t, context)
+        loss = F.mse_loss(pred.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        pending.append(loss.detach())
+        if len(pending) == sync_every or step == steps - 1:
+            values = torch.stack(pending).tolist()  # the one host synchronization per window
+            pending.clear()
+            bad = [i for i, v in enumerate(values) if not torch.isfinite(torch.tensor(v))]
+            if bad:
+                raise NonFiniteLoss(step - len(values) + 2 + bad[0])  # 1-based, as the progress bar counts
+            bar.set_postfix(loss=f"{sum(values) / len(values):.4f}")
+            if on_sync is not None:
+                on_sync(step + 1, values)
+    unet.eval()
+
+
+@torch.no_grad()
+def invert(models: Models, posterior, num_steps: int, progress: bool = True) -> torch.Tensor:
+    """DDIM inversion of the clip with the tuned UNet (Tune-A-Video: empty prompt, no guidance): x_0 -> x_T.
+
+    x_0 is the posterior mean (Tune-A-Video draws a sample; the mean makes the inversion deterministic)."""
+    x0 = to_video(posterior.mean.float() * models.vae.config.scaling_factor)
+    empty = models.text.encode([""])
+    with models.autocast():
+        return ddim.invert(models.unet, x0, empty, num_steps=num_steps, progress=progress).float()
+
+
+@torch.no_grad()
+def render(models: Models, x_T: torch.Tensor, prompt: str, guidance: float, num_steps: int,
+           progress: bool = True) -> torch.Tensor:
+    """One edit: guided DDIM sampling from the inverted latent with the edit prompt -> frames (n, 3, H, W) in [-1, 1]."""
+    context = models.text.encode([prompt])
+    uncond = models.text.encode([""])
+    with models.autocast():
+        latent = ddim.sample(models.unet, x_T.to(models.device), context, uncond_context=uncond, num_steps=num_steps,
+                             guidance=guidance, progress=progress)
+    return decode(models, to_frames(latent.float()))
+
+
+@torch.no_grad()
+def decode(models: Models, latents: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+    """(n, 4, h, w) scaled latents -> (n, 3, H, W) images in [-1, 1], a few frames at a time (VAE memory)."""
+    out = [models.vae.decode_latents(latents[i:i + chunk]).float().clamp(-1, 1) for i in range(0, len(latents), chunk)]
+    return torch.cat(out)

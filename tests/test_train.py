@@ -1,0 +1,221 @@
+"""`python -m ei2.train` and `python -m ei2.edit` end to end on a tiny random model in the real SD folder layout:
+outputs, resume, the small checkpoint, re-editing, and every bad input of the issue."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from ei2 import ddim
+from ei2.checkpoint import read_state_dict
+from ei2.config import load_config
+from ei2.demo import write_random_model
+from ei2.edit import edit
+from ei2.train import main, run
+from ei2.tuned import load_tuned_unet, read_tuned_metadata
+from ei2.unet import is_temporal_key, is_trainable_key
+from ei2.video import make_demo_clip, read_frames
+from ei2.vae import AutoencoderKL
+
+N, SIZE = 4, 64
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return write_random_model(root / "model"), make_demo_clip(root / "clip.gif", n_frames=6, size=SIZE)
+
+
+def overrides(assets, out, **kw):
+    model, clip = assets
+    args = {"model": model, "video": clip, "caption": "a red circle moving right", "n_frames": N, "size": SIZE,
+            "steps": 4, "inference_steps": 3, "inversion_steps": 3, "checkpoint_every": 2, "output_dir": out, **kw}
+    argv = []
+    for k, v in args.items():
+        argv += [f"--{k}"] + ([str(x) for x in v] if isinstance(v, list) else [str(v)])
+    return argv
+
+
+def cfg_for(assets, out, **kw):
+    return load_config(None, overrides(assets, out, **kw))
+
+
+@pytest.fixture(scope="module")
+def finished(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = cfg_for(assets, out, edit_prompts=["a blue square moving right", "a green star moving right"])
+    run(cfg, progress=False)
+    return out, cfg
+
+
+def test_every_output_exists_and_decodes(finished):
+    out, cfg = finished
+    for name in ["config.yaml", "tuned.safetensors", "inverted.safetensors", "edits.json", "log.json",
+                 "comparison.png", "checkpoints/last.safetensors"]:
+        assert (out / name).is_file(), name
+    edits = json.loads((out / "edits.json").read_text())
+    assert [e["prompt"] for e in edits] == cfg.edit_prompts
+    videos = [out / "source.mp4", out / "source.gif"] + [out / e[k] for e in edits for k in ("mp4", "gif")]
+    for path in videos:
+        frames = iio.imread(path, index=None)
+        assert frames.shape[:3] == (N, SIZE, SIZE), path
+    comparison = iio.imread(out / "comparison.mp4", index=None)
+    assert comparison.shape[0] == N and comparison.shape[2] == SIZE * 3
+    grid = iio.imread(out / "comparison.png")
+    assert grid.shape[1] == N * SIZE and grid.shape[0] >= 3 * SIZE
+    log = json.loads((out / "log.json").read_text())
+    assert len(log["loss"]) == cfg.steps and all(np.isfinite(log["loss"]))
+    assert {"tuning_s", "inversion_s", "edit_s"} <= set(log["timings"]) and len(log["timings"]["edit_s"]) == 2
+    assert log["peak_memory_gib"]["training"] > 0 and log["versions"]["torch"] == torch.__version__
+    assert read_state_dict(out / "inverted.safetensors")["latent"].shape == (1, 4, N, SIZE // 8, SIZE // 8)
+
+
+def test_tuned_checkpoint_holds_exactly_the_trainable_tensors(finished):
+    out, cfg = finished
+    unet = load_tuned_unet(cfg.model, out / "tuned.safetensors")
+    tuned = read_state_dict(out / "tuned.safetensors")
+    expected = {k for k in unet.state_dict() if is_trainable_key(k) or is_temporal_key(k)}
+    assert set(tuned) == expected
+    assert {k for k in tuned if k.endswith((".u", ".v"))} == {k for k in expected if k.endswith((".u", ".v"))} != set()
+    assert read_tuned_metadata(out / "tuned.safetensors")["video_options"]["frame_attention"] == "ffam"
+    # the tuned model's output: re-running the inversion with the loaded model gives the cached x_T bit for bit
+    vae = AutoencoderKL.from_pretrained(cfg.model)
+    frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size)
+    from ei2.text import TextEncoder
+
+    with torch.no_grad():
+        x0 = (vae.encode(frames).mean * vae.config.scaling_factor).transpose(0, 1)[None]
+        x_T = ddim.invert(unet.eval(), x0, TextEncoder.from_pretrained(cfg.model).encode([""]), cfg.inversion_steps)
+    assert torch.equal(x_T, read_state_dict(out / "inverted.safetensors")["latent"])
+    # and tuning changed the trainable tensors away from SD's weights
+    base = read_state_dict(Path(cfg.model) / "unet/diffusion_pytorch_model.safetensors")
+    key = next(k for k in tuned if k.endswith("attn1.to_q.weight"))
+    assert not torch.equal(tuned[key], base[key])
+
+
+def test_edit_reproduces_the_training_edit(finished, tmp_path):
+    import shutil
+
+    out, cfg = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (entry,) = edit(copy, [cfg.edit_prompts[0]], progress=False)
+    first = json.loads((out / "edits.json").read_text())[0]
+    for k in ("gif", "mp4"):
+        assert np.array_equal(iio.imread(copy / entry[k], index=None), iio.imread(out / first[k], index=None))
+    assert len(json.loads((copy / "edits.json").read_text())) == 3
+
+
+def test_resume_equals_uninterrupted(assets, tmp_path):
+    whole = run(cfg_for(assets, tmp_path / "whole", steps=6), progress=False)
+    part = tmp_path / "part"
+    run(cfg_for(assets, part, steps=2), progress=False)  # "interrupted" after its step-2 checkpoint
+    run(cfg_for(assets, part, steps=6), resume=True, progress=False)
+    a, b = read_state_dict(whole / "tuned.safetensors"), read_state_dict(part / "tuned.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((whole / "log.json").read_text())["loss"] == json.loads((part / "log.json").read_text())["loss"]
+
+
+def test_same_seed_same_result(assets, tmp_path):
+    a = run(cfg_for(assets, tmp_path / "a", steps=2), progress=False)
+    b = run(cfg_for(assets, tmp_path / "b", steps=2), progress=False)
+    assert torch.equal(read_state_dict(a / "inverted.safetensors")["latent"],
+                       read_state_dict(b / "inverted.safetensors")["latent"])
+
+
+# --- bad input: one line on stderr, exit code 2, nothing half-written ------------------------------------------------
+
+
+def error_of(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_missing_video(assets, tmp_path, capsys):
+    assert "video not found" in error_of(overrides(assets, tmp_path / "o", video=tmp_path / "nope.mp4"), capsys)
+
+
+def test_corrupt_video(assets, tmp_path, capsys):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 100)
+    assert "bad.mp4" in error_of(overrides(assets, tmp_path / "o", video=bad), capsys)
+
+
+def test_too_few_frames(assets, tmp_path, capsys):
+    assert "has 6 frames" in error_of(overrides(assets, tmp_path / "o", n_frames=8), capsys)
+
+
+def test_size_not_multiple_of_64(assets, tmp_path, capsys):
+    assert "multiple of 64" in error_of(overrides(assets, tmp_path / "o", size=96), capsys)
+
+
+def test_empty_caption_and_prompt(assets, tmp_path, capsys):
+    assert "caption is empty" in error_of(overrides(assets, tmp_path / "o", caption=" "), capsys)
+    assert "edit prompt 2 is empty" in error_of(overrides(assets, tmp_path / "o", edit_prompts=["a cat", ""]), capsys)
+
+
+def test_unknown_key(assets, tmp_path, capsys):
+    assert "did you mean 'steps'" in error_of(overrides(assets, tmp_path / "o") + ["--stpes", "3"], capsys)
+
+
+def test_missing_weights(assets, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(assets[0], model)
+    (model / "unet/diffusion_pytorch_model.safetensors").unlink()
+    err = error_of(overrides(assets, tmp_path / "o", model=model), capsys)
+    assert "unet/diffusion_pytorch_model.safetensors" in err and "weights/README.md" in err
+    assert not (tmp_path / "o" / "tuned.safetensors").exists()
+
+
+def test_nan_loss_keeps_last_good_checkpoint(assets, tmp_path, capsys, monkeypatch):
+    from ei2.unet import UNet
+
+    calls = {"n": 0}
+    forward = UNet.forward
+
+    def poisoned(self, *a, **k):
+        calls["n"] += 1
+        out = forward(self, *a, **k)
+        return out * float("nan") if calls["n"] == 5 else out
+
+    monkeypatch.setattr(UNet, "forward", poisoned)
+    out = tmp_path / "o"
+    err = error_of(overrides(assets, out, steps=8), capsys)
+    assert "NaN" in err and "step 5" in err and "last good checkpoint" in err
+    meta = read_tuned_metadata(out / "checkpoints/last.safetensors")
+    assert meta["step"] == 4
+    assert all(torch.isfinite(t.float()).all() for t in read_state_dict(out / "checkpoints/last.safetensors").values())
+    assert not (out / "tuned.safetensors").exists()
+
+
+def test_out_of_memory_message(assets, tmp_path, capsys, monkeypatch):
+    import ei2.train
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ei2.train, "tune_steps", oom)
+    assert "gradient_checkpointing" in error_of(overrides(assets, tmp_path / "o"), capsys)
+
+
+def test_resume_without_checkpoint(assets, tmp_path, capsys):
+    assert "no checkpoint" in error_of(overrides(assets, tmp_path / "o") + ["--resume"], capsys)
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    """As a user runs it: a missing config file is one line on stderr, no Python traceback."""
+    r = subprocess.run([sys.executable, "-m", "ei2.train", "--config", str(tmp_path / "missing.yaml")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: ") and "Traceback" not in r.stderr
