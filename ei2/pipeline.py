@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,6 @@ class Models:
 
 def check_model(model: str) -> None:
     """Before loading anything: every file of an SD folder that is missing, in one message."""
-    from pathlib import Path
-
     from .checkpoint import WEIGHT_NAMES
 
     root = Path(model)
@@ -91,7 +90,11 @@ def load_models(model: str, video: VideoOptions, device: torch.device, precision
     copies (mark_trainable runs first): the memory of the frozen 860 M parameters halves, results do not change
     because autocast runs those layers in the low dtype anyway."""
     check_model(model)
-    text = TextEncoder.from_pretrained(model, device=device)
+    tokenizer = None
+    if Path(model).is_file():  # a single CompVis file carries no tokenizer: look beside it
+        near = [Path(model).parent / "tokenizer", Path(model).parent / "stable-diffusion-v1-4" / "tokenizer"]
+        tokenizer = next((p for p in near if p.is_dir()), None)
+    text = TextEncoder.from_pretrained(model, device=device, tokenizer=tokenizer)
     vae = AutoencoderKL.from_pretrained(model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(device)
     unet = UNet.from_pretrained(model, **dataclasses.asdict(video)).to(device)
     mark_trainable(unet)
