@@ -158,6 +158,9 @@ class SpectralNormLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, eps: float = 1e-12):
         super().__init__(in_features, out_features, bias=bias)
         self.eps = eps
+        # The UNet turns this off and iterates all its spectral norms once at the start of each training forward, so
+        # that gradient checkpointing's recomputation sees the same u, v as the first pass.
+        self.iterate_in_forward = True
         g = torch.Generator().manual_seed(in_features * 7919 + out_features)  # deterministic start, any is fine
         self.register_buffer("u", F.normalize(torch.randn(out_features, generator=g), dim=0, eps=eps))
         self.register_buffer("v", F.normalize(torch.randn(in_features, generator=g), dim=0, eps=eps))
@@ -185,12 +188,14 @@ class SpectralNormLinear(nn.Linear):
             sigma = new
 
     def sigma(self) -> torch.Tensor:
-        return torch.dot(self.u.to(self.weight.dtype), self.weight @ self.v.to(self.weight.dtype))
+        """u^T W v in fp32 whatever the autocast context (a bf16 sigma would rescale W by up to 0.4 %)."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            return torch.dot(self.u.float(), torch.mv(self.weight.float(), self.v.float()))
 
     def normalized_weight(self) -> torch.Tensor:
-        if self.training:
+        if self.training and self.iterate_in_forward:
             self.power_iteration(1)
-        return self.weight / self.sigma()
+        return self.weight / self.sigma().to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.normalized_weight(), self.bias)

@@ -72,7 +72,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from .attention import FRAME_ATTENTIONS, TEMPORAL_NORMS, Attention, FrameAttention, temporal_module  # noqa: E402
+from .attention import (FRAME_ATTENTIONS, TEMPORAL_NORMS, Attention, FrameAttention, SpectralNormLinear,  # noqa: E402
+                        temporal_module)
 from .errors import Ei2Error  # noqa: E402
 
 
@@ -322,6 +323,9 @@ class UNet(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+        self.spectral_norms = [m for m in self.modules() if isinstance(m, SpectralNormLinear)]
+        for m in self.spectral_norms:
+            m.iterate_in_forward = False
 
     def _run(self, module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -329,6 +333,9 @@ class UNet(nn.Module):
         return module(*args)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            for m in self.spectral_norms:  # one power iteration per training forward (Eq. 8), none in eval
+                m.power_iteration(1)
         b, _, n, h, w = sample.shape
         # (b, c, n, h, w) -> (b*n, c, h, w): frames of a video stay consecutive
         x = sample.transpose(1, 2).reshape(b * n, -1, h, w)
