@@ -1,0 +1,333 @@
+"""A scene parser for mini-world frames (rendered or generated), and the exact edit metrics built on it.
+
+Parsing one frame (uint8 (H, W, 3)):
+ 1. background: the median color of the 2-pixel border -> nearest of world.BACKGROUNDS (RGB distance);
+ 2. foreground: pixels farther than 60 (RGB, 0-255) from that background color, holes filled, components smaller than
+    MIN_AREA pixels dropped; the main object is the largest component;
+ 3. color: median RGB of the object's interior (the mask eroded once, so anti-aliased edges do not count) -> nearest of
+    world.COLORS other than the background's name; the mask is then re-thresholded half-way between the background
+    and that color (so it matches the renderer's "at least half covered" ground truth on clean frames);
+ 4. shape: nearest centroid on two scale-free features of the mask, fill = area / bounding-box area
+    (circle pi/4, square 1, triangle 1/2, star ~0.33) and solidity = area / convex-hull area (1 for the convex
+    shapes, ~0.5 for the star); the centroids are those of rendered training scenes (`fit_shape_centroids`).
+
+Metrics (all pure functions of uint8 frames and captions; see docs/mini.md):
+ - textual_alignment: fraction of frames whose parsed attributes match the prompt (each attribute, all, and split into
+   the edited and the unedited attributes when the source prompt is given);
+ - structure_fidelity: per-frame IoU of the main object's mask with the source's, and the centroid trajectory error
+   (mean distance in pixels);
+ - temporal_consistency: fraction of consecutive frame pairs with identical parsed attributes, and the mean absolute
+   change of the background pixels between consecutive frames (0-255 scale).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import world
+
+BORDER = 2
+THRESHOLD = 60.0
+MIN_AREA = 12
+FEATURES = ("fill", "solidity")
+# Nearest-centroid table: mean (fill, solidity) of each shape over rendered frames of random training clips,
+# `fit_shape_centroids(n=4000, seed=12345)` rounded to 3 decimals (tests check it still holds).
+SHAPE_CENTROIDS: dict[str, tuple[float, float]] = {
+    "circle": (0.778, 0.957),
+    "square": (0.998, 0.999),
+    "triangle": (0.534, 0.912),
+    "star": (0.372, 0.520),
+}
+# Features are compared after dividing by these spreads. The within-class standard deviations on rendered frames are
+# 0.002-0.015; the wider common scale keeps the decision boundaries half-way between classes, which matters for the
+# softer masks of generated frames.
+FEATURE_SCALE = (0.05, 0.05)
+
+
+# --- Image primitives -------------------------------------------------------------------------------------------------
+
+
+def _neighbors_min(lab: np.ndarray, fill: int) -> np.ndarray:
+    """Minimum over each pixel's 4-neighborhood (itself included); outside the image counts as `fill`."""
+    p = np.pad(lab, 1, constant_values=fill)
+    return np.minimum.reduce([p[1:-1, 1:-1], p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of a boolean mask: labels (H, W) int (0 = not in mask, 1..k) and k, numbered in
+    raster order of their first pixel."""
+    h, w = mask.shape
+    big = h * w + 1
+    lab = np.where(mask, np.arange(h * w).reshape(h, w), big)
+    while True:  # propagate the smallest index through each component (min-label propagation)
+        new = np.where(mask, _neighbors_min(lab, big), big)
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    roots = np.unique(lab[mask])
+    out = np.zeros((h, w), dtype=np.int64)
+    if roots.size:
+        out[mask] = np.searchsorted(roots, lab[mask]) + 1
+    return out, int(roots.size)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask plus every non-mask region that does not touch the image border."""
+    lab, k = label_components(~mask)
+    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    holes = (lab > 0) & ~np.isin(lab, border)
+    return mask | holes
+
+
+def erode(mask: np.ndarray) -> np.ndarray:
+    """Pixels whose 4 neighbors are all in the mask (outside the image counts as not in it)."""
+    p = np.pad(mask, 1, constant_values=False)
+    return p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+
+
+def convex_hull_area(mask: np.ndarray) -> float:
+    """Area of the convex hull of the mask's pixel squares (corners of every pixel), by the shoelace formula."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return 0.0
+    pts = np.unique(np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)]), axis=0)
+    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
+
+    def half(points):
+        chain: list = []
+        for p in points:
+            while len(chain) >= 2:
+                (ax, ay), (bx, by) = chain[-2], chain[-1]
+                if (bx - ax) * (p[1] - ay) - (by - ay) * (p[0] - ax) <= 0:
+                    chain.pop()
+                else:
+                    break
+            chain.append((int(p[0]), int(p[1])))
+        return chain
+
+    lower, upper = half(pts), half(pts[::-1])
+    hull = np.array(lower[:-1] + upper[:-1], dtype=float)
+    x, y = hull[:, 0], hull[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+
+
+# --- Attributes -------------------------------------------------------------------------------------------------------
+
+
+def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]], exclude=()) -> str:
+    names = [n for n in palette if n not in exclude]
+    d = [float(np.linalg.norm(np.asarray(palette[n], float) - rgb)) for n in names]
+    return names[int(np.argmin(d))]
+
+
+def background_color(img: np.ndarray) -> np.ndarray:
+    """Median RGB (float) of the BORDER-pixel frame around the image."""
+    b = BORDER
+    border = np.concatenate([img[:b].reshape(-1, 3), img[-b:].reshape(-1, 3), img[b:-b, :b].reshape(-1, 3),
+                             img[b:-b, -b:].reshape(-1, 3)])
+    return np.median(border.astype(float), axis=0)
+
+
+def shape_features(mask: np.ndarray) -> dict[str, float]:
+    """fill (area / bounding-box area) and solidity (area / convex-hull area) of a boolean mask."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return {"fill": 0.0, "solidity": 0.0}
+    area = float(ys.size)
+    box = float((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return {"fill": area / box, "solidity": area / max(convex_hull_area(mask), 1.0)}
+
+
+def classify_shape(features: dict[str, float], centroids=None) -> str:
+    centroids = centroids or SHAPE_CENTROIDS
+    f = np.array([features[k] for k in FEATURES]) / np.array(FEATURE_SCALE)
+    d = {s: float(np.linalg.norm(f - np.array(c) / np.array(FEATURE_SCALE))) for s, c in centroids.items()}
+    return min(d, key=d.get)
+
+
+def foreground_mask(img: np.ndarray, bg_rgb: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+    """Pixels farther than `threshold` from the background color, holes filled, tiny components dropped."""
+    dist = np.linalg.norm(img.astype(float) - bg_rgb, axis=-1)
+    mask = fill_holes(dist > threshold)
+    lab, k = label_components(mask)
+    if k:
+        keep = np.nonzero(np.bincount(lab.ravel(), minlength=k + 1) >= MIN_AREA)[0]
+        mask = np.isin(lab, keep[keep > 0])
+    return mask
+
+
+def parse_objects(img: np.ndarray, max_objects: int = 2) -> dict:
+    """{"background": name, "objects": [ {color, shape, mask, centroid (x, y), area, fill, solidity}, ... ]}, the
+    objects largest first (at most max_objects)."""
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) frame, got {img.dtype} {img.shape}")
+    bg_rgb = background_color(img)
+    bg = _nearest(bg_rgb, world.BACKGROUNDS)
+    mask = foreground_mask(img, bg_rgb)
+    lab, k = label_components(mask)
+    objects = []
+    if k:
+        areas = np.bincount(lab.ravel(), minlength=k + 1)[1:]
+        for idx in np.argsort(-areas, kind="stable")[:max_objects]:
+            comp = lab == idx + 1
+            objects.append(_parse_object(img, comp, bg_rgb, bg))
+    return {"background": bg, "background_rgb": bg_rgb, "objects": objects}
+
+
+def _parse_object(img: np.ndarray, comp: np.ndarray, bg_rgb: np.ndarray, bg: str) -> dict:
+    core = erode(comp)
+    pixels = img[core if core.sum() >= 4 else comp].astype(float)
+    rgb = np.median(pixels, axis=0)
+    color = _nearest(rgb, world.COLORS, exclude=(bg,))
+    # re-threshold half-way between the background and the object's color, inside a 1-pixel margin of the component
+    half = 0.5 * float(np.linalg.norm(np.asarray(world.COLORS[color], float) - bg_rgb))
+    grown = ~erode(~comp)
+    dist_bg = np.linalg.norm(img.astype(float) - bg_rgb, axis=-1)
+    refined = fill_holes(grown & (dist_bg > half))
+    lab, k = label_components(refined)
+    if k:
+        areas = np.bincount(lab.ravel())[1:]
+        refined = lab == int(np.argmax(areas)) + 1
+    else:
+        refined = comp
+    feats = shape_features(refined)
+    ys, xs = np.nonzero(refined)
+    return {"color": color, "rgb": rgb, "shape": classify_shape(feats), "mask": refined,
+            "centroid": (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5), "area": int(ys.size), **feats}
+
+
+def parse_frame(img: np.ndarray) -> dict:
+    """The main (largest) object's attributes: {"background", "color", "shape", "mask", "centroid", "area",
+    "n_objects"}; color/shape None and an empty mask when no object is found."""
+    p = parse_objects(img)
+    if not p["objects"]:
+        h, w = np.asarray(img).shape[:2]
+        return {"background": p["background"], "color": None, "shape": None, "mask": np.zeros((h, w), bool),
+                "centroid": None, "area": 0, "n_objects": 0}
+    o = p["objects"][0]
+    return {"background": p["background"], "color": o["color"], "shape": o["shape"], "mask": o["mask"],
+            "centroid": o["centroid"], "area": o["area"], "n_objects": len(p["objects"])}
+
+
+# --- Validation of the parser on rendered scenes ------------------------------------------------------------------
+
+
+def fit_shape_centroids(n: int = 4000, seed: int = 12345) -> dict[str, tuple[float, float]]:
+    """Mean (fill, solidity) per shape over n rendered frames of random clips, using the ground-truth masks."""
+    rng = np.random.default_rng(seed)
+    feats: dict[str, list] = {s: [] for s in world.SHAPES}
+    for _ in range(n):
+        scene, _ = world.training_example(rng)
+        o = scene.objects[0]
+        f = shape_features(world.object_mask(o))
+        feats[o.shape].append([f[k] for k in FEATURES])
+    return {s: tuple(float(v) for v in np.mean(feats[s], axis=0)) for s in world.SHAPES}
+
+
+def parser_accuracy(n: int = 500, seed: int = 2024) -> dict:
+    """Accuracy of parse_frame on n held-out rendered frames (random clips, a seed the centroids never saw):
+    color, shape, background, all three, and the mean IoU of the parsed mask with the ground truth."""
+    rng = np.random.default_rng(seed)
+    hits = {"color": 0, "shape": 0, "background": 0, "all": 0}
+    ious = []
+    for _ in range(n):
+        scene, _ = world.training_example(rng)
+        got = parse_frame(world.render(scene))
+        o = scene.objects[0]
+        ok = {"color": got["color"] == o.color, "shape": got["shape"] == o.shape,
+              "background": got["background"] == scene.background}
+        for key, v in ok.items():
+            hits[key] += v
+        hits["all"] += all(ok.values())
+        ious.append(iou(got["mask"], world.object_mask(o)))
+    return {k: v / n for k, v in hits.items()} | {"mask_iou": float(np.mean(ious)), "n": n}
+
+
+# --- Metrics ------------------------------------------------------------------------------------------------------
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks; 1.0 when both are empty."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+ATTRIBUTES = ("color", "shape", "background")
+
+
+def _frames(frames) -> list[np.ndarray]:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames (n, H, W, 3), got {frames.dtype} {frames.shape}")
+    return list(frames)
+
+
+def textual_alignment(frames, prompt: str, source_prompt: str | None = None, parsed: list | None = None) -> dict:
+    """Fraction of frames whose parsed attributes match `prompt`'s: per attribute, "all" three, and with
+    `source_prompt` "edited" (every attribute the prompts differ in matches the prompt) and "unedited" (every other
+    attribute matches; 1.0 vacuously when the edit changes all three)."""
+    parsed = parsed or [parse_frame(f) for f in _frames(frames)]
+    want = world.parse_caption(prompt)
+    edited = set()
+    if source_prompt is not None:
+        src = world.parse_caption(source_prompt)
+        edited = {a for a in ATTRIBUTES if src[a] != want[a]}
+    match = [{a: p[a] == want[a] for a in ATTRIBUTES} for p in parsed]
+    n = max(len(match), 1)
+    out = {a: sum(m[a] for m in match) / n for a in ATTRIBUTES}
+    out["all"] = sum(all(m.values()) for m in match) / n
+    if source_prompt is not None:
+        out["edited"] = sum(all(m[a] for a in edited) for m in match) / n
+        out["unedited"] = sum(all(m[a] for a in ATTRIBUTES if a not in edited) for m in match) / n
+        out["edited_attributes"] = sorted(edited)
+    return out
+
+
+def structure_fidelity(frames, source_frames, parsed: list | None = None, source_parsed: list | None = None) -> dict:
+    """Per-frame IoU of the main object's mask with the source's, and the centroid trajectory error (pixels): the
+    mean, over frames, of the distance between the two centroids (frames where either has no object count as the
+    image diagonal)."""
+    parsed = parsed or [parse_frame(f) for f in _frames(frames)]
+    source_parsed = source_parsed or [parse_frame(f) for f in _frames(source_frames)]
+    if len(parsed) != len(source_parsed):
+        raise ValueError(f"{len(parsed)} frames vs {len(source_parsed)} source frames")
+    ious = [iou(p["mask"], s["mask"]) for p, s in zip(parsed, source_parsed)]
+    h, w = parsed[0]["mask"].shape
+    diag = float(np.hypot(h, w))
+    errs = [diag if p["centroid"] is None or s["centroid"] is None else float(np.hypot(
+        p["centroid"][0] - s["centroid"][0], p["centroid"][1] - s["centroid"][1])) for p, s in zip(parsed, source_parsed)]
+    return {"iou": float(np.mean(ious)), "trajectory_error": float(np.mean(errs)), "iou_per_frame": ious,
+            "trajectory_error_per_frame": errs}
+
+
+def temporal_consistency(frames, parsed: list | None = None) -> dict:
+    """attribute_stability: fraction of consecutive frame pairs whose parsed (color, shape, background) are equal;
+    background_change: mean |difference| (0-255) between consecutive frames over the pixels that are background in
+    both (outside both object masks grown by one pixel); 0 for a still background."""
+    frames = _frames(frames)
+    parsed = parsed or [parse_frame(f) for f in frames]
+    if len(frames) < 2:
+        return {"attribute_stability": 1.0, "background_change": 0.0}
+    same, changes = [], []
+    for i in range(len(frames) - 1):
+        a, b = parsed[i], parsed[i + 1]
+        same.append(all(a[k] == b[k] for k in ATTRIBUTES))
+        bg = ~(~erode(~a["mask"]) | ~erode(~b["mask"]))
+        if bg.any():
+            d = np.abs(frames[i].astype(float) - frames[i + 1].astype(float))[bg]
+            changes.append(float(d.mean()))
+    return {"attribute_stability": float(np.mean(same)),
+            "background_change": float(np.mean(changes)) if changes else 0.0}
+
+
+def clip_metrics(frames, prompt: str, source_frames=None, source_prompt: str | None = None) -> dict:
+    """All metrics of one edited clip (parsing each frame once): alignment, fidelity (with source frames) and
+    consistency."""
+    frames = _frames(frames)
+    parsed = [parse_frame(f) for f in frames]
+    out = {"alignment": textual_alignment(frames, prompt, source_prompt, parsed=parsed),
+           "consistency": temporal_consistency(frames, parsed=parsed)}
+    if source_frames is not None:
+        out["fidelity"] = structure_fidelity(frames, source_frames, parsed=parsed)
+    return out

@@ -1,0 +1,568 @@
+"""Train the mini world's text-to-image model with ei2's own modules, and save it in Stable Diffusion's folder layout.
+
+    python -m ei2.mini.pretrain --out weights/mini [--device cpu] [--vae-steps N] [--unet-steps N] [--resume]
+
+Phases (all seeded; the same arguments on the same machine give the same weights):
+ 1. text: a tiny CLIP text model at random init with one token per word of `world.VOCAB` (`ei2.text.
+    write_tiny_text_model`), rounded to fp16 and kept FROZEN. A random causal transformer still gives every caption
+    its own embedding sequence (each word's vector plus its position, mixed over the earlier words), which is all the
+    UNet's cross-attention needs; training it would add a third model to keep consistent for no gain in this world.
+ 2. vae: ei2's AutoencoderKL at a small config (4 levels, so 64x64 images <-> 8x8x4 latents: SD's 8x factor), on
+    freshly rendered scenes each step. Loss: L1 weighted x5 on object pixels (objects cover ~10% of a frame and carry
+    all the information) + L2 + 1e-4 x KL to N(0, 1) (per element means), on a posterior sample. AdamW, EMA weights.
+ 3. latents: a fixed set of training images (random frames of random clips; a few (color, shape, background)
+    combinations `HELD_OUT` are never shown) encoded by the fp16-rounded VAE; `scaling_factor` = 1 / std of the
+    latents (as SD's 0.18215 was chosen), written to vae/config.json.
+ 4. unet: ei2's UNet (VideoOptions(frame_attention="self", temporal="none"); images as 1-frame videos (b, 4, 1, h, w))
+    as an epsilon-prediction diffusion model (EI² Eq. 2 with one frame): x_t = ei2.ddim.add_noise(x_0, eps, t), t
+    uniform in 0..999 on SD's scaled-linear schedule, loss |eps - eps_theta(x_t, t, c)|^2. Captions name the clip's
+    motion half of the time ("a red circle moving right on ...") so the words the one-shot tuning will see are not
+    new; 10% of captions are "" for classifier-free guidance. AdamW, constant lr after warmup, EMA weights saved.
+ 5. save + evaluate: everything in fp16 under --out (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/), loss log train_log.json, loss_curves.png, sample grids of seen and held-out captions judged by
+    `ei2.mini.parse`, and golden.safetensors (reference outputs the tests reproduce).
+
+Training state is checkpointed atomically to --out/.train_state/ every --checkpoint-every steps; --resume continues
+from it. The learning rates are constant after warmup, so a run cut short and resumed with more steps equals a run
+asked for that many steps from the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import atomic_path, save_safetensors
+from ..ddim import add_noise
+from ..errors import Ei2Error, cli_main
+from ..text import TextEncoder, write_tiny_text_model
+from ..unet import UNet, UNetConfig, VideoOptions
+from ..vae import AutoencoderKL, VAEConfig
+from . import world
+
+# (color, shape, background) combinations never shown in training: samples of their captions test composition
+HELD_OUT = (
+    ("yellow", "star", "gray"),
+    ("purple", "square", "white"),
+    ("green", "triangle", "black"),
+    ("orange", "circle", "blue"),
+    ("white", "star", "green"),
+    ("red", "triangle", "gray"),
+)
+
+TEXT = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+VAE_CONFIG = VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                       sample_size=world.SIZE)
+UNET_CONFIG = UNetConfig(sample_size=world.SIZE // 8, block_out_channels=(64, 128, 128), cross_attention=(True, True, True),
+                         layers_per_block=1, attention_head_dim=4, cross_attention_dim=TEXT["hidden_size"],
+                         norm_num_groups=16)
+IMAGE_OPTIONS = dict(frame_attention="self", temporal="none")
+
+SCHEDULER_CONFIG = {  # SD v1-4's numbers (ei2.ddim implements them); DDIM is what ei2 samples and inverts with
+    "_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1", "num_train_timesteps": 1000,
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
+    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+}
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+    "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+    "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+GOLDEN_CAPTION = "a red circle on a white background"
+SAMPLE_GUIDANCE = 5.0
+SAMPLE_STEPS = 50
+
+
+def is_held_out(scene: world.Scene) -> bool:
+    return any((o.color, o.shape, scene.background) in HELD_OUT for o in scene.objects)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (b, H, W, 3) -> float (b, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def round_fp16(module: torch.nn.Module) -> torch.nn.Module:
+    """Round the weights through fp16 (what is saved) while keeping the module's dtype."""
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    return module
+
+
+class EMA:
+    """Exponential moving average of a model's weights; decay ramps up as (1 + step) / (10 + step), capped."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if e.is_floating_point():
+                e.mul_(d).add_(p.detach(), alpha=1 - d)
+            else:
+                e.copy_(p)
+
+
+# --- Training state (atomic checkpoints, resume) -----------------------------------------------------------------
+
+
+def _state_path(out: Path, phase: str) -> Path:
+    return out / ".train_state" / f"{phase}.pt"
+
+
+def save_state(out: Path, phase: str, step: int, model, ema: EMA, opt, rng: np.random.Generator,
+               gen: torch.Generator, log: list) -> None:
+    state = {"step": step, "model": model.state_dict(), "ema": ema.model.state_dict(), "opt": opt.state_dict(),
+             "rng": json.dumps(rng.bit_generator.state), "gen": gen.get_state(), "log": json.dumps(log)}
+    with atomic_path(_state_path(out, phase)) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(out: Path, phase: str, model, ema: EMA, opt, rng: np.random.Generator, gen: torch.Generator):
+    path = _state_path(out, phase)
+    if not path.is_file():
+        return 0, []
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    ema.model.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    rng.bit_generator.state = json.loads(state["rng"])
+    gen.set_state(state["gen"])
+    return int(state["step"]), json.loads(state["log"])
+
+
+# --- Phases ------------------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    return lr * min(1.0, (step + 1) / warmup)
+
+
+def train_vae(args, out: Path, device) -> AutoencoderKL:
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(VAE_CONFIG).to(device).train()
+    ema = EMA(vae, args.ema)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed + 100)
+    gen = torch.Generator().manual_seed(args.seed + 101)
+    start, log = load_state(out, "vae", vae, ema, opt, rng, gen) if args.resume else (0, [])
+    if start:
+        print(f"vae: resuming at step {start}", flush=True)
+    t0, acc = time.time(), []
+    for step in range(start, args.vae_steps):
+        scenes = [world.training_example(rng)[0] for _ in range(args.vae_batch)]
+        images = np.stack([world.render(s) for s in scenes])
+        bg = np.stack([np.asarray(world.BACKGROUNDS[s.background], dtype=np.uint8) for s in scenes])
+        fg = torch.from_numpy((images != bg[:, None, None]).any(-1)).float()[:, None].to(device)
+        x = to_tensor(images).to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.vae_lr, 100)
+        post = vae.encode(x)
+        noise = torch.randn(post.mean.shape, generator=gen).to(device)
+        y = vae.decode(post.mean + post.std * noise)
+        err = (y - x).abs()
+        l1 = (err * (1 + 4 * fg)).mean()
+        l2 = err.pow(2).mean()
+        kl = 0.5 * (post.mean.pow(2) + post.logvar.exp() - 1 - post.logvar).mean()
+        loss = l1 + l2 + args.kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        ema.update(vae, step)
+        acc.append([loss.item(), l1.item(), l2.item(), kl.item(), err.mean().item()])
+        if (step + 1) % args.log_every == 0 or step + 1 == args.vae_steps:
+            m = np.mean(acc, axis=0).tolist()
+            acc = []
+            log.append({"step": step + 1, "loss": m[0], "l1_weighted": m[1], "l2": m[2], "kl": m[3], "mae": m[4],
+                        "seconds": time.time() - t0})
+            print(f"vae {step + 1}/{args.vae_steps} loss {m[0]:.4f} mae {m[4]:.4f} kl {m[3]:.2f} "
+                  f"({(time.time() - t0) / max(step + 1 - start, 1):.2f} s/step)", flush=True)
+        if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.vae_steps:
+            save_state(out, "vae", step + 1, vae, ema, opt, rng, gen, log)
+    save_state(out, "vae", args.vae_steps, vae, ema, opt, rng, gen, log)
+    _write_log(out, "vae", log)
+    return round_fp16(ema.model.float().cpu().eval())
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, n: int, seed: int, batch: int = 128):
+    """Training images (no HELD_OUT combination), their posterior means and stds (unscaled), scenes and motions."""
+    rng = np.random.default_rng(seed)
+    scenes, motions = [], []
+    while len(scenes) < n:
+        s, m = world.training_example(rng)
+        if not is_held_out(s):
+            scenes.append(s)
+            motions.append(m)
+    means, stds = [], []
+    for i in range(0, n, batch):
+        post = vae.encode(to_tensor(np.stack([world.render(s) for s in scenes[i:i + batch]])))
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds), scenes, motions
+
+
+class CaptionCache:
+    """Text embeddings of captions, computed once each (the text encoder is frozen)."""
+
+    def __init__(self, text: TextEncoder):
+        self.text, self.cache = text, {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        new = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        for i in range(0, len(new), 256):
+            for c, e in zip(new[i:i + 256], self.text.encode(new[i:i + 256]).float()):
+                self.cache[c] = e
+        return torch.stack([self.cache[c] for c in captions])
+
+
+def train_unet(args, out: Path, device, latents: torch.Tensor, stds: torch.Tensor, scenes, motions,
+               text: TextEncoder) -> UNet:
+    torch.manual_seed(args.seed + 200)
+    unet = UNet(UNET_CONFIG, VideoOptions(**IMAGE_OPTIONS)).to(device).train()
+    ema = EMA(unet, args.ema)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed + 300)
+    gen = torch.Generator().manual_seed(args.seed + 301)
+    start, log = load_state(out, "unet", unet, ema, opt, rng, gen) if args.resume else (0, [])
+    if start:
+        print(f"unet: resuming at step {start}", flush=True)
+    embed = CaptionCache(text)
+    n = latents.shape[0]
+    t0, acc = time.time(), []
+    for step in range(start, args.unet_steps):
+        idx = rng.integers(n, size=args.unet_batch)
+        r = rng.random((args.unet_batch, 2))
+        captions = ["" if r[k, 0] < args.uncond else scenes[i].caption(motions[i] if r[k, 1] < 0.5 and motions[i]
+                                                                      else None)
+                    for k, i in enumerate(idx)]
+        idx_t = torch.from_numpy(idx)
+        x0 = latents[idx_t] + stds[idx_t] * torch.randn(latents[idx_t].shape, generator=gen)  # a fresh posterior sample
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (args.unet_batch,), generator=gen)
+        xt = add_noise(x0, noise, t)
+        ctx = embed(captions)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.unet_lr, 200)
+        pred = unet(xt[:, :, None].to(device), t.to(device), ctx.to(device))[:, :, 0]
+        loss = F.mse_loss(pred, noise.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.update(unet, step)
+        acc.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.unet_steps:
+            log.append({"step": step + 1, "loss": float(np.mean(acc)), "seconds": time.time() - t0})
+            print(f"unet {step + 1}/{args.unet_steps} loss {np.mean(acc):.4f} "
+                  f"({(time.time() - t0) / max(step + 1 - start, 1):.2f} s/step)", flush=True)
+            acc = []
+        if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.unet_steps:
+            save_state(out, "unet", step + 1, unet, ema, opt, rng, gen, log)
+    save_state(out, "unet", args.unet_steps, unet, ema, opt, rng, gen, log)
+    _write_log(out, "unet", log)
+    return round_fp16(ema.model.float().cpu().eval())
+
+
+# --- Saving in SD's layout ------------------------------------------------------------------------------------------
+
+
+def _fp16(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: (v.half() if v.is_floating_point() else v) for k, v in module.state_dict().items()}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def save_text(out: Path, seed: int) -> TextEncoder:
+    """Write tokenizer/ and text_encoder/ (fp16) and load them back as the frozen fp32 encoder training uses."""
+    write_tiny_text_model(out, world.VOCAB, seed=seed, **TEXT)
+    from ..checkpoint import read_state_dict
+
+    path = out / "text_encoder" / "model.safetensors"
+    state = read_state_dict(path)
+    save_safetensors({k: v.half() for k, v in state.items()}, path, metadata={"format": "pt"})
+    return TextEncoder.from_pretrained(out).float()
+
+
+def save_vae(out: Path, vae: AutoencoderKL) -> None:
+    _write_json(out / "vae" / "config.json", {**vae.config.to_diffusers_dict(), "_diffusers_version": "0.42.1"})
+    save_safetensors(_fp16(vae), out / "vae" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+
+
+def save_unet(out: Path, unet: UNet) -> None:
+    _write_json(out / "unet" / "config.json", {**unet.config.to_diffusers_dict(), "_diffusers_version": "0.42.1"})
+    save_safetensors(_fp16(unet), out / "unet" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+
+
+def save_pipeline_files(out: Path) -> None:
+    _write_json(out / "model_index.json", MODEL_INDEX)
+    _write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+
+
+def _write_log(out: Path, phase: str, entries: list) -> None:
+    path = out / "train_log.json"
+    log = json.loads(path.read_text()) if path.is_file() else {}
+    log[phase] = entries
+    _write_json(path, log)
+
+
+# --- Evaluation: samples judged by the parser; golden outputs ------------------------------------------------------
+
+
+def sample_captions(seed: int, n_seen: int = 24) -> tuple[list[str], list[str]]:
+    """Captions for sample grids: every HELD_OUT combination, and n_seen random seen ones (no motion phrase)."""
+    held = [f"a {c} {s} on a {b} background" for c, s, b in HELD_OUT]
+    rng = np.random.default_rng(seed)
+    seen: list[str] = []
+    while len(seen) < n_seen:
+        s = world.random_scene(rng)
+        c = s.caption()
+        if not is_held_out(s) and c not in seen:
+            seen.append(c)
+    return seen, held
+
+
+@torch.no_grad()
+def generate(unet: UNet, vae: AutoencoderKL, text: TextEncoder, captions: list[str], seed: int,
+             steps: int = SAMPLE_STEPS, guidance: float = SAMPLE_GUIDANCE, batch: int = 32) -> np.ndarray:
+    """uint8 images (len(captions), H, W, 3): DDIM with classifier-free guidance from seeded noise."""
+    from ..ddim import sample
+
+    h = vae.config.sample_size // 8
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(captions), 4, 1, h, h, generator=g)
+    uncond = text.encode([""]).float()
+    out = []
+    for i in range(0, len(captions), batch):
+        ctx = text.encode(captions[i:i + batch]).float()
+        z = sample(unet, noise[i:i + batch], ctx, uncond, num_steps=steps, guidance=guidance)
+        out.append(to_uint8(vae.decode_latents(z[:, :, 0])))
+    return np.concatenate(out)
+
+
+def grid_image(images: np.ndarray, labels: list[str] | None = None, cols: int = 8, scale: int = 2):
+    """A PIL grid of uint8 images, each upscaled `scale` x (nearest), an optional label under each."""
+    from PIL import Image, ImageDraw
+
+    n, h, w, _ = images.shape
+    label_h = 22 if labels else 0
+    rows = math.ceil(n / cols)
+    W, H = w * scale, h * scale
+    canvas = Image.new("RGB", (cols * W, rows * (H + label_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        im = Image.fromarray(images[i]).resize((W, H), Image.Resampling.NEAREST)
+        canvas.paste(im, (c * W, r * (H + label_h)))
+        if labels:
+            words = labels[i].replace(" background", "").replace("a ", "").replace(" on", " /").split(" / ")
+            for j, line in enumerate(words[:2]):
+                draw.text((c * W + 2, r * (H + label_h) + H + 1 + 10 * j), line, fill=(0, 0, 0))
+    return canvas
+
+
+def judge(images: np.ndarray, captions: list[str]) -> dict:
+    """Fraction of images whose parsed color / shape / background match the caption (ei2.mini.parse)."""
+    from .parse import parse_frame
+
+    hits = {"color": 0, "shape": 0, "background": 0, "all": 0}
+    for im, cap in zip(images, captions):
+        want = world.parse_caption(cap)
+        got = parse_frame(im)
+        ok = {k: got[k] == want[k] for k in ("color", "shape", "background")}
+        for k, v in ok.items():
+            hits[k] += v
+        hits["all"] += all(ok.values())
+    return {k: v / max(len(captions), 1) for k, v in hits.items()} | {"n": len(captions)}
+
+
+def evaluate(out: Path, seed: int = 0, repeats: int = 4) -> dict:
+    """Load the saved model through the normal loaders, draw sample grids, judge them with the parser, write
+    golden.safetensors, eval.json, samples_*.png and loss_curves.png."""
+    unet = UNet.from_pretrained(out, **IMAGE_OPTIONS).eval()
+    vae = AutoencoderKL.from_pretrained(out)
+    text = TextEncoder.from_pretrained(out)
+    seen, held = sample_captions(seed)
+    result = {"guidance": SAMPLE_GUIDANCE, "steps": SAMPLE_STEPS}
+    for name, caps in (("seen", seen), ("held_out", held)):
+        caps_rep = [c for c in caps for _ in range(repeats)]
+        images = generate(unet, vae, text, caps_rep, seed=seed + (1 if name == "seen" else 2))
+        result[name] = judge(images, caps_rep)
+        grid_image(images[: 8 * 8] if name == "seen" else images, caps_rep[: 8 * 8] if name == "seen" else caps_rep,
+                   cols=8).save(out / f"samples_{name}.png")
+    # reconstructions of the VAE on held-out renders, and parser accuracy on them
+    rng = np.random.default_rng(seed + 3)
+    scenes = [world.random_clip(rng).frames[0] for _ in range(64)]
+    real = np.stack([world.render(s) for s in scenes])
+    with torch.no_grad():
+        rec = to_uint8(vae.decode(vae.encode(to_tensor(real)).mean))
+    caps = [s.caption() for s in scenes]
+    result["vae_reconstruction"] = {"mae_uint8": float(np.abs(rec.astype(float) - real).mean())} | judge(rec, caps)
+    pairs = np.stack([real[:16], rec[:16]], 1).reshape(32, *real.shape[1:])
+    grid_image(pairs, cols=8).save(out / "vae_reconstructions.png")
+    _write_json(out / "eval.json", result)
+    write_golden(out, unet, vae, text)
+    log = json.loads((out / "train_log.json").read_text()) if (out / "train_log.json").is_file() else {}
+    if log:
+        plot_losses(log).save(out / "loss_curves.png")
+    return result
+
+
+@torch.no_grad()
+def golden_inputs(h: int = world.SIZE // 8):
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(1, 4, 1, h, h, generator=g)
+    noise = torch.randn(1, 4, 1, h, h, generator=g)
+    return x, noise, torch.tensor(500)
+
+
+@torch.no_grad()
+def golden_outputs(unet: UNet, vae: AutoencoderKL, text: TextEncoder) -> dict[str, torch.Tensor]:
+    """The reference numbers the tests reproduce: eps at t=500, a 5-step DDIM sample (guidance 5) and its decode."""
+    from ..ddim import sample
+
+    x, noise, t = golden_inputs(vae.config.sample_size // 8)
+    ctx = text.encode([GOLDEN_CAPTION]).float()
+    uncond = text.encode([""]).float()
+    eps = unet(x, t, ctx)
+    z = sample(unet, noise, ctx, uncond, num_steps=5, guidance=SAMPLE_GUIDANCE)
+    image = vae.decode_latents(z[:, :, 0])
+    return {"context": ctx, "eps": eps, "sample_latent": z, "sample_image": image}
+
+
+def write_golden(out: Path, unet, vae, text) -> None:
+    save_safetensors(golden_outputs(unet, vae, text), out / "golden.safetensors",
+                     metadata={"caption": GOLDEN_CAPTION, "note": "see tests/test_mini_model.py"})
+
+
+def plot_losses(log: dict, width: int = 900, height: int = 320):
+    """Loss curves (log-scale y) of each phase side by side, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    phases = [p for p in ("vae", "unet") if log.get(p)]
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    pw = width // max(len(phases), 1)
+    for k, phase in enumerate(phases):
+        steps = np.array([e["step"] for e in log[phase]], dtype=float)
+        loss = np.array([e["loss"] for e in log[phase]], dtype=float)
+        x0, y0, x1, y1 = k * pw + 60, 30, (k + 1) * pw - 20, height - 40
+        draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+        lo, hi = math.log10(max(loss.min(), 1e-6)), math.log10(max(loss.max(), 1e-6))
+        lo, hi = math.floor(lo * 4) / 4, math.ceil(hi * 4) / 4 + 1e-9
+        px = x0 + (steps - 0) / max(steps.max(), 1) * (x1 - x0)
+        py = y1 - (np.log10(np.maximum(loss, 1e-6)) - lo) / (hi - lo) * (y1 - y0)
+        draw.line(list(zip(px.tolist(), py.tolist())), fill=(200, 40, 40), width=2)
+        for v in np.arange(lo, hi + 1e-9, 0.25):
+            y = y1 - (v - lo) / (hi - lo) * (y1 - y0)
+            draw.line([x0 - 4, y, x0, y], fill=(0, 0, 0))
+            draw.text((x0 - 50, y - 6), f"{10 ** v:.3g}", fill=(0, 0, 0))
+        for f in (0, 0.5, 1):
+            x = x0 + f * (x1 - x0)
+            draw.text((x - 10, y1 + 6), f"{int(f * steps.max())}", fill=(0, 0, 0))
+        title = {"vae": "VAE loss (weighted L1 + L2 + KL)", "unet": "UNet loss (eps MSE)"}[phase]
+        draw.text((x0, 10), f"{title}, log scale, vs step", fill=(0, 0, 0))
+    return canvas
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ei2.mini.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="weights/mini", help="output model folder (SD layout)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--kl", type=float, default=1e-4, help="weight of the mean KL term")
+    p.add_argument("--n-latents", type=int, default=30000, help="training images encoded for the UNet")
+    p.add_argument("--unet-steps", type=int, default=4500)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-lr", type=float, default=5e-4)
+    p.add_argument("--uncond", type=float, default=0.1, help="fraction of empty captions (classifier-free guidance)")
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue from --out/.train_state")
+    p.add_argument("--skip-vae", action="store_true", help="reuse the VAE already saved in --out")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate the model saved in --out")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Ei2Error("--device cuda but CUDA is not available; use --device cpu")
+    if args.eval_only:
+        print(json.dumps(evaluate(out, args.seed), indent=2))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    save_pipeline_files(out)
+    text = save_text(out, args.seed)
+    timings = {}
+    if args.skip_vae:
+        vae = AutoencoderKL.from_pretrained(out)
+    else:
+        t = time.time()
+        vae = train_vae(args, out, device)
+        timings["vae_s"] = time.time() - t
+    t = time.time()
+    means, stds, scenes, motions = encode_dataset(vae, args.n_latents, args.seed + 400)
+    scale = 1.0 / float((means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(7))).std())
+    vae.config.scaling_factor = float(f"{scale:.5f}")
+    save_vae(out, vae)
+    timings["encode_s"] = time.time() - t
+    print(f"encoded {len(scenes)} images in {timings['encode_s']:.0f} s; scaling_factor {vae.config.scaling_factor}",
+          flush=True)
+    t = time.time()
+    latents, stds = means * vae.config.scaling_factor, stds * vae.config.scaling_factor
+    unet = train_unet(args, out, device, latents, stds, scenes, motions, text)
+    timings["unet_s"] = time.time() - t
+    save_unet(out, unet)
+    timings["total_s"] = time.time() - t_start
+    path = out / "train_log.json"
+    log = json.loads(path.read_text())
+    log["args"] = vars(args)
+    log["timings"] = log.get("timings", {}) | timings
+    log["configs"] = {"vae": asdict(VAE_CONFIG) | {"scaling_factor": vae.config.scaling_factor},
+                      "unet": asdict(UNET_CONFIG), "text": TEXT, "held_out": HELD_OUT}
+    _write_json(path, log)
+    print(f"saved to {out} in {timings['total_s'] / 60:.1f} min; evaluating", flush=True)
+    result = evaluate(out, args.seed)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
