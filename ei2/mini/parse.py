@@ -59,8 +59,12 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     h, w = mask.shape
     big = h * w + 1
     lab = np.where(mask, np.arange(h * w).reshape(h, w), big)
-    while True:  # propagate the smallest index through each component (min-label propagation)
-        new = np.where(mask, _neighbors_min(lab, big), big)
+    inside = np.nonzero(mask.ravel())[0]
+    while True:  # propagate the smallest pixel index through each component: neighbour minimum + pointer jumping
+        new = np.where(mask, _neighbors_min(lab, big), big).ravel()
+        for _ in range(2):  # a label is a pixel of the same component: take that pixel's label
+            new[inside] = new[new[inside]]
+        new = new.reshape(h, w)
         if np.array_equal(new, lab):
             break
         lab = new
@@ -87,10 +91,14 @@ def erode(mask: np.ndarray) -> np.ndarray:
 
 def convex_hull_area(mask: np.ndarray) -> float:
     """Area of the convex hull of the mask's pixel squares (corners of every pixel), by the shoelace formula."""
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
+    rows = np.nonzero(mask.any(axis=1))[0]
+    if rows.size == 0:
         return 0.0
-    pts = np.unique(np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)]), axis=0)
+    # the hull of all pixel squares is the hull of each row's leftmost and rightmost squares' corners
+    left = mask[rows].argmax(axis=1)
+    right = mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
+    pts = np.concatenate([np.stack([xs, rows + dy], 1) for xs in (left, right + 1) for dy in (0, 1)])
+    pts = np.unique(pts, axis=0)
     pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
 
     def half(points):
