@@ -29,8 +29,8 @@ from . import __version__
 from .checkpoint import atomic_path, save_safetensors
 from .config import describe_keys, load_config, save_config
 from .errors import Ei2Error, cli_main
-from .pipeline import (NonFiniteLoss, encode_video, invert, load_models, render, resolve_device, resolve_precision,
-                       tune_steps, decode, to_frames)
+from .pipeline import (NonFiniteLoss, check_model, encode_video, invert, load_models, render, resolve_device,
+                       resolve_precision, tune_steps)
 from .tuned import load_training_state, save_training_state, save_tuned, trainable_parameters
 from .unet import VideoOptions
 from .video import frame_grid, read_frames, side_by_side, to_uint8, write_image, write_video
@@ -99,7 +99,8 @@ def run(cfg, resume: bool = False, progress: bool = True) -> Path:
     precision = resolve_precision(cfg.precision, device)
     if precision != "fp32" and device.type != "cuda":
         raise Ei2Error(f"precision {precision} needs a CUDA device; use precision fp32 (or auto) on the CPU")
-    frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size)  # checks the video before SD loads
+    check_model(cfg.model)  # both inputs are checked before anything is written or loaded
+    frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     memory = Memory(device)

@@ -175,7 +175,7 @@ def test_missing_weights(assets, tmp_path, capsys):
     (model / "unet/diffusion_pytorch_model.safetensors").unlink()
     err = error_of(overrides(assets, tmp_path / "o", model=model), capsys)
     assert "unet/diffusion_pytorch_model.safetensors" in err and "weights/README.md" in err
-    assert not (tmp_path / "o" / "tuned.safetensors").exists()
+    assert not (tmp_path / "o").exists()
 
 
 def test_nan_loss_keeps_last_good_checkpoint(assets, tmp_path, capsys, monkeypatch):
