@@ -1,0 +1,378 @@
+"""`python -m ei2.mini.benchmark`: the paper's comparison (Table 1, Fig. 4) in the miniature world, scored exactly.
+
+    python -m ei2.mini.benchmark                       # the default suite on weights/mini (about 30 min, 2-core CPU)
+    python -m ei2.mini.benchmark --quick               # 1 clip, 1 edit, 1 seed, EI² vs Tune-A-Video (CI)
+    python -m ei2.mini.benchmark --methods ei2,tav,sca_stam --seeds 0,1,2 --steps 150
+
+The suite: CLIPS (world.make_clip) x their colour / shape / background EDITS x --seeds. For every method, clip and seed
+the inflated model is tuned on the clip and its caption (ei2.pipeline.tune_steps: AdamW, weight decay 1e-2, gradient
+clip 1.0, as `python -m ei2.train`; same steps, lr and seeds for all methods), the clip is DDIM-inverted with the tuned
+model (ei2.pipeline.invert) and every edit prompt is rendered from that latent (ei2.pipeline.render). The seed fixes the
+fresh temporal modules' initialization and the tuning's noise; inversion and rendering are deterministic. Each edited
+clip is scored by ei2.mini.parse.clip_metrics against its prompt (built by world.caption on the edited attributes) and
+against the ideal edit (world.edit_clip: same motion, edited attributes), whose masks and centroids are the
+fidelity reference.
+
+Outputs in --out: results.json, results.md (the table; also printed), grids/<clip>-<edit>.png (source | ideal | each
+method, first seed), diagnose/ (ei2.diagnose on the first clip with the tuned TA and STAM models: chart, table, json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import json
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import diagnose as diag
+from ..checkpoint import atomic_path
+from ..errors import Ei2Error, cli_main
+from ..pipeline import encode_video, invert, load_models, render, resolve_device, resolve_precision, tune_steps
+from ..tuned import save_tuned, trainable_parameters
+from ..unet import VideoOptions
+from ..video import frame_grid, to_uint8, write_image
+from . import parse, world
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    description: str
+    video: dict
+    tuned: bool = True  # False: the image model as loaded, no tuning (steps = 0)
+
+
+SCA = dict(frame_attention="sca")
+METHODS = {
+    "ei2": Method("EI² (FFAM r=2 + STAM)", dict(frame_attention="ffam", ratio=2, temporal="stam")),
+    "tav": Method("Tune-A-Video (SCA + TA, LayerNorm)", dict(SCA, temporal="ta")),
+    "sca_stam": Method("SCA + STAM (TAV with TA -> STAM)", dict(SCA, temporal="stam")),
+    "ffam_ta": Method("FFAM r=2 + TA (EI² with STAM -> TA)", dict(frame_attention="ffam", ratio=2, temporal="ta")),
+    "ta_ln_noaffine": Method("SCA + TA, LayerNorm w/o affine (Fig. 4)",
+                             dict(SCA, temporal="ta", temporal_norm="layernorm_noaffine", spectral_norm=False)),
+    "ta_no_norm": Method("SCA + TA, no norm (Fig. 4)", dict(SCA, temporal="ta", temporal_norm="none", spectral_norm=False)),
+    "ta_instancenorm": Method("SCA + TA, InstanceNorm (Fig. 4)",
+                              dict(SCA, temporal="ta", temporal_norm="instancenorm", spectral_norm=False)),
+    "ta_ic": Method("SCA + TA, Instance Centering, no SN (Fig. 4)",
+                    dict(SCA, temporal="ta", temporal_norm="ic", spectral_norm=False)),
+    "untuned": Method("image model frame by frame, untuned (floor)",
+                      dict(frame_attention="self", temporal="none", resnet_norm="frame"), tuned=False),
+}
+DEFAULT_METHODS = "ei2,tav,sca_stam,ta_ln_noaffine,ta_no_norm,ta_instancenorm,ta_ic,untuned"
+QUICK_METHODS = "ei2,tav"
+DIAGNOSE_PAIRS = [("tav", "sca_stam"), ("tav", "ei2")]  # TA vs STAM, same frame attention if both were run
+
+# (source clip: world.make_clip arguments, {edited attribute: new value}); no edit lands on pretrain.HELD_OUT
+CLIPS = [
+    (dict(shape="circle", color="red", background="white", motion="right", seed=0),
+     {"color": "blue", "shape": "square", "background": "gray"}),
+    (dict(shape="square", color="blue", background="black", motion="down", seed=1),
+     {"color": "yellow", "shape": "triangle", "background": "white"}),
+    (dict(shape="star", color="yellow", background="black", motion="orbiting", seed=2),
+     {"color": "red", "shape": "circle", "background": "blue"}),
+]
+# table columns: (key, header, decimals); per edited clip unless marked per run
+COLUMNS = [
+    ("align_edited", "alignment (edited attr) ↑", 2),
+    ("align_kept", "alignment (kept attrs) ↑", 2),
+    ("iou", "fidelity IoU ↑", 2),
+    ("trajectory_px", "trajectory error px ↓", 1),
+    ("consistency", "consistency (attr. stability) ↑", 2),
+    ("bg_change", "background change /255 ↓", 1),
+    ("tuning_s", "tuning s (per run)", 1),
+    ("peak_mib", "peak memory MiB (per run)", 0),
+]
+RUN_KEYS = ("tuning_s", "peak_mib")
+
+
+def suite(n_clips: int, edits: list[str]) -> list[dict]:
+    """[{name, clip, caption, frames (uint8), edits: [{kind, prompt, ideal (uint8)}]}] for the first n_clips."""
+    out = []
+    for spec, changes in CLIPS[:n_clips]:
+        clip = world.make_clip(**spec)
+        items = [{"kind": k, "value": changes[k], "ideal_clip": world.edit_clip(clip, **{k: changes[k]})} for k in edits]
+        for e in items:
+            e["prompt"], e["ideal"] = e["ideal_clip"].caption, e.pop("ideal_clip").render()
+        out.append({"name": f"{spec['color']}-{spec['shape']}-{spec['motion']}-on-{spec['background']}",
+                    "caption": clip.caption, "frames": clip.render(), "edits": items})
+    return out
+
+
+class PeakMemory:
+    """Peak memory of a phase in MiB: the CUDA allocator's peak on a GPU; on a CPU the process's resident memory,
+    sampled every 5 ms by a thread, above its level at start (freed heap is returned to the OS first: malloc_trim)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc
+            pass
+        self.base = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+        self.mib = (self.peak - self.base) / 2**20
+
+
+def run_one(args, method: Method, clip: dict, seed: int, device, precision: str, tuned_path: Path | None = None):
+    """Tune (unless untuned), invert, render each edit; returns (run record, [uint8 frames per edit])."""
+    torch.manual_seed(seed)  # the fresh temporal modules' initialization
+    t0 = time.perf_counter()
+    models = load_models(args.model, VideoOptions(**method.video), device, precision)
+    load_s = time.perf_counter() - t0
+    frames = torch.from_numpy(clip["frames"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    posterior = encode_video(models, frames)
+    steps = args.steps if method.tuned else 0
+    losses: list[float] = []
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        if steps:
+            _, params = trainable_parameters(models.unet)
+            optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+            generator = torch.Generator(device).manual_seed(seed)
+            tune_steps(models, posterior, models.text.encode([clip["caption"]]), optimizer, generator, 0, steps, 1.0,
+                       on_sync=lambda step, values: losses.extend(values), progress=False)
+        tuning_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        x_T = invert(models, posterior, args.inversion_steps, progress=False)
+        inversion_s = time.perf_counter() - t0
+    if tuned_path is not None:
+        save_tuned(models.unet, tuned_path, args.model, {"steps": steps, "caption": clip["caption"]})
+    t0 = time.perf_counter()
+    videos = [to_uint8(render(models, x_T, e["prompt"], args.guidance, args.inference_steps, progress=False))
+              for e in clip["edits"]]
+    record = {"load_s": load_s, "tuning_s": tuning_s, "inversion_s": inversion_s,
+              "render_s": time.perf_counter() - t0, "peak_mib": mem.mib, "steps": steps,
+              "final_loss": float(np.mean(losses[-10:])) if losses else None}
+    return record, videos
+
+
+def sample_metrics(video: np.ndarray, edit: dict, source_caption: str) -> dict:
+    m = parse.clip_metrics(video, edit["prompt"], source_frames=edit["ideal"], source_prompt=source_caption)
+    a, f, c = m["alignment"], m["fidelity"], m["consistency"]
+    return {"align_edited": a["edited"], "align_kept": a["unedited"], "iou": f["iou"],
+            "trajectory_px": f["trajectory_error"], "consistency": c["attribute_stability"],
+            "bg_change": c["background_change"], "parsed_attributes": {k: a[k] for k in parse.ATTRIBUTES}}
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def aggregate(records: list[dict], key: str) -> dict:
+    """mean over all records; std = the spread over seeds (std of the per-seed means, each over clips x edits);
+    std_samples = the spread over all records; n = number of records, n_seeds."""
+    seeds = sorted({r["seed"] for r in records})
+    per_seed = [float(np.mean([r[key] for r in records if r["seed"] == s])) for s in seeds]
+    everything = mean_std([r[key] for r in records])
+    return {"mean": everything["mean"], "std": mean_std(per_seed)["std"], "std_samples": everything["std"],
+            "n": everything["n"], "n_seeds": len(seeds)}
+
+
+def summarize(samples: list[dict], runs: list[dict], methods: list[str]) -> list[dict]:
+    """One table row per method (in the order given) that has results."""
+    table = []
+    for name in methods:
+        s = [r for r in samples if r["method"] == name]
+        if not s:
+            continue
+        row = {"method": name, "description": METHODS[name].description if name in METHODS else name}
+        for key, _, _ in COLUMNS:
+            row[key] = aggregate([r for r in runs if r["method"] == name] if key in RUN_KEYS else s, key)
+        row["by_edit"] = {kind: aggregate([r for r in s if r["edit"] == kind], "align_edited")["mean"]
+                          for kind in dict.fromkeys(r["edit"] for r in s)}
+        table.append(row)
+    return table
+
+
+def format_table(table: list[dict]) -> str:
+    head = ["method"] + [h for _, h, _ in COLUMNS] + ["n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table:
+        cells = [row["method"]] + [f"{row[k]['mean']:.{d}f} ± {row[k]['std']:.{d}f}" for k, _, d in COLUMNS]
+        lines.append("| " + " | ".join(cells + [str(row["align_edited"]["n"])]) + " |")
+    kinds = list(dict.fromkeys(k for row in table for k in row["by_edit"]))
+    lines += ["", "Edited-attribute alignment by edit kind:", "",
+              "| method | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+    for row in table:
+        lines.append(f"| {row['method']} | " + " | ".join(
+            f"{row['by_edit'][k]:.2f}" if k in row["by_edit"] else "-" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, settings: dict, table: list[dict], samples: list[dict], runs: list[dict]) -> None:
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps({"settings": settings, "table": table, "samples": samples, "runs": runs}, indent=2))
+    md = [f"# Mini benchmark ({settings['status']})", "",
+          f"model `{settings['model']}`, {settings['steps']} tuning steps at lr {settings['lr']:g}, seeds "
+          f"{settings['seeds']}, {settings['inversion_steps']} inversion / {settings['inference_steps']} DDIM steps, "
+          f"guidance {settings['guidance']}, device {settings['device']}.", "",
+          "mean ± std over seeds (std of the per-seed means over clips x edits); n = edited clips per method. "
+          "Tuning time and memory per tuning run (memory: " + settings["memory"] + ").", "", format_table(table), ""]
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text("\n".join(md))
+
+
+def write_grid(out: Path, clip: dict, edit_index: int, videos: dict[str, list[np.ndarray]]) -> None:
+    e = clip["edits"][edit_index]
+    rows = [clip["frames"], e["ideal"]] + [v[edit_index] for v in videos.values()]
+    labels = [f"source: {clip['caption']}", f"ideal: {e['prompt']}"] + [f"{m}: {e['prompt']}" for m in videos]
+    write_image(frame_grid(rows, labels), out / "grids" / f"{clip['name']}-{e['kind']}.png")
+
+
+def run_diagnose(out: Path, clip: dict, tuned: dict[str, Path], args) -> Path | None:
+    """ei2.diagnose's covariate-shift chart for the first available pair of DIAGNOSE_PAIRS (tuned on clip 0)."""
+    pair = next((p for p in DIAGNOSE_PAIRS if all(m in tuned for m in p)), None)
+    if pair is None:
+        return None
+    folder = out / "diagnose" / "source"
+    for i, f in enumerate(clip["frames"]):
+        write_image(f, folder / f"{i:02d}.png")
+    dclip = diag.Clip(str(folder), clip["caption"], len(clip["frames"]), 0, 1, clip["frames"].shape[1])
+    subjects = [diag.Subject(m, f"{METHODS[m].description}, tuned {args.steps} steps", args.model, dclip,
+                             dataclasses.asdict(VideoOptions(**METHODS[m].video)), tuned=str(tuned[m]),
+                             source=f"this benchmark, seed {args.seed_list[0]}") for m in pair]
+    report = diag.diagnose(subjects, [100, 400, 700], seed=0, device=args.device, progress=False)
+    diag.write_outputs(report, out / "diagnose")
+    return out / "diagnose" / "diagnose.png"
+
+
+def parser() -> argparse.ArgumentParser:
+    names = "\n".join(f"  {k:<16} {m.description}" for k, m in METHODS.items())
+    p = argparse.ArgumentParser(
+        prog="python -m ei2.mini.benchmark", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Tune, invert and edit a fixed suite of mini-world clips with EI², Tune-A-Video, the Fig. 4 "
+                    "temporal-norm variants and the untuned image model, score every edit exactly with "
+                    "ei2.mini.parse, and write a Table-1-style table (results.md/json), frame grids and the TA-vs-"
+                    "STAM covariate-shift chart. See docs/mini-benchmark.md.",
+        epilog=f"methods:\n{names}\ndefault: {DEFAULT_METHODS}\n\nsuite:\n" + "\n".join(
+            f"  {world.make_clip(**c).caption}  ->  edits {e}" for c, e in CLIPS))
+    p.add_argument("--model", default="weights/mini", help="SD-layout model folder (default weights/mini)")
+    p.add_argument("--methods", default=None, help=f"comma list (default {DEFAULT_METHODS}; --quick: {QUICK_METHODS})")
+    p.add_argument("--steps", type=int, default=100, help="tuning steps, every tuned method (default 100)")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default 3e-4, as configs/demo.yaml)")
+    p.add_argument("--seeds", default="0,1", help="comma list of seeds (default 0,1)")
+    p.add_argument("--clips", type=int, default=len(CLIPS), help=f"use the first N suite clips (default {len(CLIPS)})")
+    p.add_argument("--edits", default="color,shape,background", help="comma list of edit kinds (default all three)")
+    p.add_argument("--inference-steps", type=int, default=25, help="DDIM steps of each edit (default 25)")
+    p.add_argument("--inversion-steps", type=int, default=25, help="DDIM inversion steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the edits (default 7.5)")
+    p.add_argument("--quick", action="store_true", help="1 clip, 1 edit (color), first seed, ei2 and tav (for CI)")
+    p.add_argument("--no-diagnose", action="store_true", help="skip the TA-vs-STAM diagnose chart")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: on a shared 2-core machine 2 threads ran 4x slower)")
+    p.add_argument("--out", default="runs/mini-benchmark", help="output folder (default runs/mini-benchmark)")
+    return p
+
+
+def resolve_args(args) -> argparse.Namespace:
+    args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.edit_list = [e.strip() for e in args.edits.split(",") if e.strip()]
+    if args.quick:
+        args.clips, args.edit_list, args.seed_list = 1, args.edit_list[:1], args.seed_list[:1]
+    args.method_list = [m.strip() for m in (args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS))
+                        .split(",") if m.strip()]
+    bad = [m for m in args.method_list if m not in METHODS] + [e for e in args.edit_list if e not in parse.ATTRIBUTES]
+    if bad or not args.method_list or not args.edit_list or not args.seed_list:
+        raise Ei2Error(f"unknown or empty: {', '.join(bad) or 'list'}; methods: {', '.join(METHODS)}; "
+                       f"edits: {', '.join(parse.ATTRIBUTES)}")
+    if not 1 <= args.clips <= len(CLIPS) or args.steps < 0:
+        raise Ei2Error(f"--clips must be 1..{len(CLIPS)} and --steps >= 0")
+    return args
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    args = resolve_args(parser().parse_args(argv))
+    device = resolve_device(args.device)
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    precision = resolve_precision("auto", device)
+    out = Path(args.out)
+    clips = suite(args.clips, args.edit_list)
+    settings = {k: getattr(args, k) for k in ("model", "steps", "lr", "inference_steps", "inversion_steps",
+                                              "guidance")} | {
+        "seeds": args.seed_list, "methods": args.method_list, "device": str(device), "precision": precision,
+        "threads": torch.get_num_threads(), "memory": "CUDA allocator peak" if device.type == "cuda" else
+        "peak resident-memory increase during tuning + inversion, CPU",
+        "suite": [{"clip": c["name"], "caption": c["caption"], "edits": [e["prompt"] for e in c["edits"]]}
+                  for c in clips]}
+    samples, runs, tuned = [], [], {}
+    per_clip = sum(len(args.seed_list) if METHODS[m].tuned else 1 for m in args.method_list)
+    total, done, t_start = len(clips) * per_clip, 0, time.perf_counter()
+    for ci, clip in enumerate(clips):
+        for si, seed in enumerate(args.seed_list):
+            first_videos = {}
+            for name in args.method_list:
+                method = METHODS[name]
+                if not method.tuned and si > 0:  # deterministic: no seed changes anything
+                    continue
+                keep = out / "tuned" / f"{name}.safetensors" if ci == 0 and si == 0 and method.tuned else None
+                record, videos = run_one(args, method, clip, seed, device, precision, keep)
+                if keep:
+                    tuned[name] = keep
+                runs.append({"method": name, "clip": clip["name"], "seed": seed, **record})
+                for e, v in zip(clip["edits"], videos):
+                    samples.append({"method": name, "clip": clip["name"], "edit": e["kind"], "seed": seed,
+                                    "prompt": e["prompt"], **sample_metrics(v, e, clip["caption"])})
+                if si == 0:
+                    first_videos[name] = videos
+                done += 1
+                last = samples[-len(videos):]
+                print(f"[{done}/{total} {time.perf_counter() - t_start:.0f}s] {name} {clip['name']} seed {seed}: "
+                      f"tune {record['tuning_s']:.1f}s, invert {record['inversion_s']:.1f}s, render "
+                      f"{record['render_s']:.1f}s; edited-attr alignment "
+                      f"{np.mean([s['align_edited'] for s in last]):.2f}", flush=True)
+                settings["status"] = f"partial: {done} of {total} runs"
+                write_results(out, settings, summarize(samples, runs, args.method_list), samples, runs)
+            if si == 0:
+                for ei in range(len(clip["edits"])):
+                    write_grid(out, clip, ei, first_videos)
+    settings["status"] = f"complete: {done} runs, {time.perf_counter() - t_start:.0f} s"
+    table = summarize(samples, runs, args.method_list)
+    write_results(out, settings, table, samples, runs)
+    chart = None if args.no_diagnose else run_diagnose(out, clips[0], tuned, args)
+    print(format_table(table))
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'grids'}/" + (f", {chart}" if chart else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
