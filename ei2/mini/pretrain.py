@@ -158,18 +158,29 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / warmup)
 
 
-def train_vae(args, out: Path, device) -> AutoencoderKL:
+def train_vae(args, out: Path, device, frozen_encoder: AutoencoderKL | None = None) -> AutoencoderKL:
+    """Phase 2, or with `frozen_encoder` the decoder fine-tuning (phase 4b): only the decoder and post_quant_conv
+    learn, on posterior samples of the frozen encoder, so the latent space the UNet was trained on does not move."""
+    phase = "vae" if frozen_encoder is None else "decoder"
+    steps = args.vae_steps if frozen_encoder is None else args.decoder_steps
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL(VAE_CONFIG).to(device).train()
+    vae = AutoencoderKL(VAE_CONFIG) if frozen_encoder is None else copy.deepcopy(frozen_encoder)
+    vae = vae.to(device).train()
+    params = list(vae.parameters())
+    if frozen_encoder is not None:
+        for m in (vae.encoder, vae.quant_conv):
+            m.requires_grad_(False).eval()
+        params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     ema = EMA(vae, args.ema)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    rng = np.random.default_rng(args.seed + 100)
-    gen = torch.Generator().manual_seed(args.seed + 101)
-    start, log = load_state(out, "vae", vae, ema, opt, rng, gen) if args.resume else (0, [])
+    opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
+    offset = 100 if frozen_encoder is None else 500
+    rng = np.random.default_rng(args.seed + offset)
+    gen = torch.Generator().manual_seed(args.seed + offset + 1)
+    start, log = load_state(out, phase, vae, ema, opt, rng, gen) if args.resume else (0, [])
     if start:
-        print(f"vae: resuming at step {start}", flush=True)
+        print(f"{phase}: resuming at step {start}", flush=True)
     t0, acc = time.time(), []
-    for step in range(start, args.vae_steps):
+    for step in range(start, steps):
         scenes = [world.training_example(rng)[0] for _ in range(args.vae_batch)]
         images = np.stack([world.render(s) for s in scenes])
         bg = np.stack([np.asarray(world.BACKGROUNDS[s.background], dtype=np.uint8) for s in scenes])
@@ -177,7 +188,8 @@ def train_vae(args, out: Path, device) -> AutoencoderKL:
         x = to_tensor(images).to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.vae_lr, 100)
-        post = vae.encode(x)
+        with torch.set_grad_enabled(frozen_encoder is None):
+            post = vae.encode(x)
         noise = torch.randn(post.mean.shape, generator=gen).to(device)
         y = vae.decode(post.mean + post.std * noise)
         err = (y - x).abs()
@@ -187,21 +199,21 @@ def train_vae(args, out: Path, device) -> AutoencoderKL:
         loss = l1 + l2 + args.kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(vae, step)
         acc.append([loss.item(), l1.item(), l2.item(), kl.item(), err.mean().item()])
-        if (step + 1) % args.log_every == 0 or step + 1 == args.vae_steps:
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
             m = np.mean(acc, axis=0).tolist()
             acc = []
             log.append({"step": step + 1, "loss": m[0], "l1_weighted": m[1], "l2": m[2], "kl": m[3], "mae": m[4],
                         "seconds": time.time() - t0})
-            print(f"vae {step + 1}/{args.vae_steps} loss {m[0]:.4f} mae {m[4]:.4f} kl {m[3]:.2f} "
+            print(f"{phase} {step + 1}/{steps} loss {m[0]:.4f} mae {m[4]:.4f} kl {m[3]:.2f} "
                   f"({(time.time() - t0) / max(step + 1 - start, 1):.2f} s/step)", flush=True)
-        if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.vae_steps:
-            save_state(out, "vae", step + 1, vae, ema, opt, rng, gen, log)
-    save_state(out, "vae", args.vae_steps, vae, ema, opt, rng, gen, log)
-    _write_log(out, "vae", log)
+        if (step + 1) % args.checkpoint_every == 0 and step + 1 < steps:
+            save_state(out, phase, step + 1, vae, ema, opt, rng, gen, log)
+    save_state(out, phase, steps, vae, ema, opt, rng, gen, log)
+    _write_log(out, phase, log)
     return round_fp16(ema.model.float().cpu().eval())
 
 
@@ -463,7 +475,7 @@ def plot_losses(log: dict, width: int = 900, height: int = 320):
     """Loss curves (log-scale y) of each phase side by side, drawn with Pillow."""
     from PIL import Image, ImageDraw
 
-    phases = [p for p in ("vae", "unet") if log.get(p)]
+    phases = [p for p in ("vae", "unet", "decoder") if log.get(p)]
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     pw = width // max(len(phases), 1)
@@ -484,7 +496,7 @@ def plot_losses(log: dict, width: int = 900, height: int = 320):
         for f in (0, 0.5, 1):
             x = x0 + f * (x1 - x0)
             draw.text((x - 10, y1 + 6), f"{int(f * steps.max())}", fill=(0, 0, 0))
-        title = {"vae": "VAE loss (weighted L1 + L2 + KL)", "unet": "UNet loss (eps MSE)"}[phase]
+        title = {"vae": "VAE (weighted L1 + L2 + KL)", "unet": "UNet (eps MSE)", "decoder": "VAE decoder tuning"}[phase]
         draw.text((x0, 10), f"{title}, log scale, vs step", fill=(0, 0, 0))
     return canvas
 
@@ -497,12 +509,14 @@ def parse_args(argv=None):
     p.add_argument("--out", default="weights/mini", help="output model folder (SD layout)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-steps", type=int, default=2200)
+    p.add_argument("--decoder-steps", type=int, default=1500,
+                   help="decoder-only fine-tuning after the UNet (the encoder, hence the latents, stay fixed)")
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl", type=float, default=1e-4, help="weight of the mean KL term")
     p.add_argument("--n-latents", type=int, default=30000, help="training images encoded for the UNet")
-    p.add_argument("--unet-steps", type=int, default=4500)
+    p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--uncond", type=float, default=0.1, help="fraction of empty captions (classifier-free guidance)")
@@ -551,6 +565,13 @@ def main(argv=None) -> None:
     unet = train_unet(args, out, device, latents, stds, scenes, motions, text)
     timings["unet_s"] = time.time() - t
     save_unet(out, unet)
+    if args.decoder_steps:
+        t = time.time()
+        scaling = vae.config.scaling_factor
+        vae = train_vae(args, out, device, frozen_encoder=vae)
+        vae.config.scaling_factor = scaling
+        save_vae(out, vae)
+        timings["decoder_s"] = time.time() - t
     timings["total_s"] = time.time() - t_start
     path = out / "train_log.json"
     log = json.loads(path.read_text())

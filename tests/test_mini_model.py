@@ -1,0 +1,103 @@
+"""The committed mini model (weights/mini): the real SD folder layout in fp16, loaded through ei2's normal loaders,
+reproducing the golden outputs stored at training time (weights/mini/golden.safetensors)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ei2.checkpoint import read_state_dict
+from ei2.ddim import alphas_cumprod
+from ei2.mini import pretrain, world
+from ei2.text import TextEncoder
+from ei2.unet import UNet, UNetConfig
+from ei2.vae import AutoencoderKL, VAEConfig
+
+MODEL = Path(__file__).resolve().parents[1] / "weights" / "mini"
+pytestmark = pytest.mark.skipif(not (MODEL / "golden.safetensors").is_file(),
+                                reason="weights/mini not trained (python -m ei2.mini.pretrain --out weights/mini)")
+
+WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    unet = UNet.from_pretrained(MODEL, **pretrain.IMAGE_OPTIONS).eval()
+    vae = AutoencoderKL.from_pretrained(MODEL)
+    text = TextEncoder.from_pretrained(MODEL)
+    return unet, vae, text
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return read_state_dict(MODEL / "golden.safetensors")
+
+
+def test_sd_folder_layout_in_fp16_and_small():
+    for f in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+              "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
+              "tokenizer/special_tokens_map.json", "scheduler/scheduler_config.json", *WEIGHT_FILES):
+        assert (MODEL / f).is_file(), f
+    total = 0
+    for f in WEIGHT_FILES:
+        tensors = read_state_dict(MODEL / f)
+        assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}, f
+        total += (MODEL / f).stat().st_size
+    assert total < 40e6, f"{total / 1e6:.1f} MB"
+    index = json.loads((MODEL / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+
+
+def test_configs_hold_every_field_the_loaders_need():
+    unet_cfg = json.loads((MODEL / "unet/config.json").read_text())
+    assert UNetConfig.from_dict(unet_cfg) == pretrain.UNET_CONFIG
+    assert unet_cfg["cross_attention_dim"] == json.loads((MODEL / "text_encoder/config.json").read_text())["hidden_size"]
+    assert unet_cfg["attention_head_dim"] == pretrain.UNET_CONFIG.attention_head_dim  # SD v1: the number of heads
+    vae_cfg = VAEConfig.from_dict(json.loads((MODEL / "vae/config.json").read_text()))
+    assert vae_cfg.block_out_channels == pretrain.VAE_CONFIG.block_out_channels and vae_cfg.sample_size == world.SIZE
+    assert 0.05 < vae_cfg.scaling_factor < 20
+    sched = json.loads((MODEL / "scheduler/scheduler_config.json").read_text())
+    betas = torch.linspace(sched["beta_start"] ** 0.5, sched["beta_end"] ** 0.5, sched["num_train_timesteps"]) ** 2
+    assert torch.equal(torch.cumprod(1 - betas, 0), alphas_cumprod())
+
+
+def test_tokenizer_has_one_token_per_word(models):
+    _, _, text = models
+    ids = text.tokenize("a red circle moving right on a white background")[0]
+    assert ids.shape == (77,)
+    eos = text.tokenizer.eos_token_id
+    assert int((ids != eos).sum()) == 1 + 9  # bos + nine words
+
+
+def test_golden_eps(models, golden):
+    unet, vae, text = models
+    ctx = text.encode([pretrain.GOLDEN_CAPTION]).float()
+    torch.testing.assert_close(ctx, golden["context"], atol=1e-5, rtol=1e-4)
+    x, _, t = pretrain.golden_inputs(vae.config.sample_size // 8)
+    with torch.no_grad():
+        eps = unet(x, t, ctx)
+    torch.testing.assert_close(eps, golden["eps"], atol=1e-4, rtol=1e-3)
+
+
+def test_golden_five_step_ddim_sample(models, golden):
+    out = pretrain.golden_outputs(*models)
+    torch.testing.assert_close(out["sample_latent"], golden["sample_latent"], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(out["sample_image"], golden["sample_image"], atol=2e-3, rtol=1e-3)
+
+
+def test_inflated_unet_with_one_frame_is_the_image_model(models):
+    """The demo path loads the same folder with FFAM + STAM (fresh temporal modules): with one frame FFAM is plain
+    self-attention and STAM is the identity, so the inflated UNet reproduces the image model."""
+    unet, vae, text = models
+    video = UNet.from_pretrained(MODEL).eval()  # default VideoOptions: ffam + stam
+    x, _, t = pretrain.golden_inputs(vae.config.sample_size // 8)
+    ctx = text.encode(["a blue square on a black background"])
+    with torch.no_grad():
+        torch.testing.assert_close(video(x, t, ctx), unet(x, t, ctx), atol=1e-5, rtol=1e-4)
+        eight = video(x.expand(1, 4, 8, *x.shape[-2:]).contiguous(), t, ctx)
+    # eight identical frames: FFAM sees the same tokens again, STAM centers them to zero, video GroupNorm has the
+    # same statistics -> every frame is the image model's output
+    torch.testing.assert_close(eight, unet(x, t, ctx).expand_as(eight), atol=1e-4, rtol=1e-3)
