@@ -1,0 +1,110 @@
+"""`python -m ei2.mini.benchmark`: --quick end to end on a random tiny model (plumbing, not quality), the table against
+the json, the aggregation over seeds on a hand-made case, and the scoring of the suite's ideal edits."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from ei2.demo import write_random_model
+from ei2.mini import benchmark, parse, world
+from ei2.mini.benchmark import COLUMNS, aggregate, main, sample_metrics, suite, summarize
+
+ROW_KEYS = {"method", "description", "by_edit"} | {k for k, _, _ in COLUMNS}
+STAT_KEYS = {"mean", "std", "std_samples", "n", "n_seeds"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini_benchmark")
+    model = write_random_model(root / "model")
+    out = root / "out"
+    main(["--quick", "--model", str(model), "--steps", "2", "--inference-steps", "2", "--inversion-steps", "2",
+          "--out", str(out)])
+    return out
+
+
+def test_quick_writes_one_row_per_method(quick_run):
+    results = json.loads((quick_run / "results.json").read_text())
+    assert [row["method"] for row in results["table"]] == ["ei2", "tav"]
+    for row in results["table"]:
+        assert set(row) == ROW_KEYS
+        for key, _, _ in COLUMNS:
+            assert set(row[key]) == STAT_KEYS
+            assert math.isfinite(row[key]["mean"]) and row[key]["std"] == 0.0  # one seed
+        assert row["align_edited"]["n"] == 1 and set(row["by_edit"]) == {"color"}
+        assert 0.0 <= row["align_edited"]["mean"] <= 1.0 and 0.0 <= row["iou"]["mean"] <= 1.0
+        assert row["tuning_s"]["mean"] > 0
+    assert results["settings"]["status"].startswith("complete")
+    assert [r["steps"] for r in results["runs"]] == [2, 2]
+    assert len(results["samples"]) == 2
+    assert results["samples"][0]["prompt"] == "a blue circle moving right on a white background"
+    assert (quick_run / "grids" / "red-circle-right-on-white-color.png").is_file()
+    assert (quick_run / "diagnose" / "diagnose.png").is_file()
+    report = json.loads((quick_run / "diagnose" / "diagnose.json").read_text())
+    assert [v["label"] for v in report["variants"]] == ["tav", "ei2"]
+
+
+def test_table_numbers_equal_the_json(quick_run):
+    results = json.loads((quick_run / "results.json").read_text())
+    md = (quick_run / "results.md").read_text()
+    for row in results["table"]:
+        line = next(l for l in md.splitlines() if l.startswith(f"| {row['method']} |") and "±" in l)
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert cells[0] == row["method"] and int(cells[-1]) == row["align_edited"]["n"]
+        for (key, _, decimals), cell in zip(COLUMNS, cells[1:-1]):
+            mean, std = (float(x) for x in re.fullmatch(r"(-?[\d.]+) ± ([\d.]+)", cell).groups())
+            assert mean == pytest.approx(row[key]["mean"], abs=0.51 * 10**-decimals), key
+            assert std == pytest.approx(row[key]["std"], abs=0.51 * 10**-decimals), key
+
+
+def test_aggregate_over_seeds_by_hand():
+    # seed 0: 0.2, 0.4 (mean 0.3); seed 1: 0.6, 1.0 (mean 0.8)
+    records = [{"seed": 0, "x": 0.2}, {"seed": 0, "x": 0.4}, {"seed": 1, "x": 0.6}, {"seed": 1, "x": 1.0}]
+    a = aggregate(records, "x")
+    assert a["mean"] == pytest.approx(0.55)
+    assert a["std"] == pytest.approx(math.sqrt(((0.3 - 0.55) ** 2 + (0.8 - 0.55) ** 2) / 1))  # ddof 1 over seeds
+    assert a["std_samples"] == pytest.approx(np.std([0.2, 0.4, 0.6, 1.0], ddof=1))
+    assert (a["n"], a["n_seeds"]) == (4, 2)
+    single = aggregate([{"seed": 3, "x": 0.7}], "x")
+    assert (single["mean"], single["std"], single["std_samples"], single["n"]) == (0.7, 0.0, 0.0, 1)
+
+
+def test_summarize_uses_runs_for_time_and_memory():
+    metrics = {k: 0.5 for k, _, _ in COLUMNS if k not in benchmark.RUN_KEYS}
+    samples = [{"method": "ei2", "edit": e, "seed": s, **metrics, "align_edited": v}
+               for s, e, v in [(0, "color", 1.0), (0, "shape", 0.0), (1, "color", 0.5), (1, "shape", 0.5)]]
+    runs = [{"method": "ei2", "seed": 0, "tuning_s": 10.0, "peak_mib": 100.0},
+            {"method": "ei2", "seed": 1, "tuning_s": 20.0, "peak_mib": 300.0}]
+    (row,) = summarize(samples, runs, ["tav", "ei2"])  # tav has no results: no row
+    assert row["method"] == "ei2" and row["align_edited"]["mean"] == 0.5 and row["align_edited"]["std"] == 0.0
+    assert row["by_edit"] == {"color": 0.75, "shape": 0.25}
+    assert row["tuning_s"]["mean"] == 15.0 and row["tuning_s"]["n"] == 2
+    assert row["peak_mib"]["std"] == pytest.approx(math.sqrt(2) * 100)
+
+
+def test_suite_edits_and_ideal_scores():
+    clips = suite(len(benchmark.CLIPS), list(parse.ATTRIBUTES))
+    from ei2.mini.pretrain import HELD_OUT
+
+    for clip in clips:
+        src = world.parse_caption(clip["caption"])
+        assert (src["color"], src["shape"], src["background"]) not in HELD_OUT
+        for e in clip["edits"]:
+            want = world.parse_caption(e["prompt"])
+            assert [a for a in parse.ATTRIBUTES if want[a] != src[a]] == [e["kind"]]
+            assert want["motion"] == src["motion"] and want["color"] != want["background"]
+            assert (want["color"], want["shape"], want["background"]) not in HELD_OUT
+            m = sample_metrics(e["ideal"], e, clip["caption"])  # the ideal edit scores perfectly
+            assert (m["align_edited"], m["align_kept"], m["consistency"]) == (1.0, 1.0, 1.0)
+            assert m["iou"] == 1.0 and m["trajectory_px"] == 0.0 and m["bg_change"] < 0.1  # anti-aliased rims
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    for argv in (["--methods", "ei2,nope"], ["--edits", "style"], ["--clips", "9"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert "nope" in capsys.readouterr().err
