@@ -42,7 +42,7 @@ def test_quick_writes_one_row_per_method(quick_run):
     assert len(results["samples"]) == 2
     assert results["samples"][0]["prompt"] == "a blue circle moving right on a white background"
     assert (quick_run / "grids" / "red-circle-right-on-white-color.png").is_file()
-    assert (quick_run / "diagnose" / "diagnose.png").is_file()
+    assert (quick_run / "diagnose" / "diagnose.png").is_file() and not (quick_run / "diagnose-fig4").exists()
     report = json.loads((quick_run / "diagnose" / "diagnose.json").read_text())
     assert [v["label"] for v in report["variants"]] == ["tav", "ei2"]
 

@@ -14,7 +14,8 @@ against the ideal edit (world.edit_clip: same motion, edited attributes), whose 
 fidelity reference.
 
 Outputs in --out: results.json, results.md (the table; also printed), grids/<clip>-<edit>.png (source | ideal | each
-method, first seed), diagnose/ (ei2.diagnose on the first clip with the tuned TA and STAM models: chart, table, json).
+method, first seed), diagnose/ and diagnose-fig4/ (ei2.diagnose on the first clip with the tuned models: TA vs STAM,
+and the Fig. 4 norm variants: chart, table, json), tuned/ (those models' tuned tensors).
 """
 
 from __future__ import annotations
@@ -69,12 +70,14 @@ METHODS = {
 }
 DEFAULT_METHODS = "ei2,tav,sca_stam,ta_ln_noaffine,ta_no_norm,ta_instancenorm,ta_ic,untuned"
 QUICK_METHODS = "ei2,tav"
-DIAGNOSE_PAIRS = [("tav", "sca_stam"), ("tav", "ei2")]  # TA vs STAM, same frame attention if both were run
+# covariate-shift charts (ei2.diagnose) of the methods tuned on the first clip: TA vs STAM, and Fig. 4's norm variants
+DIAGNOSE_SETS = {"diagnose": ["tav", "sca_stam", "ei2"],
+                 "diagnose-fig4": ["tav", "ta_ln_noaffine", "ta_no_norm", "ta_instancenorm", "ta_ic", "sca_stam"]}
 
 # (source clip: world.make_clip arguments, {edited attribute: new value}); no edit lands on pretrain.HELD_OUT
 CLIPS = [
     (dict(shape="circle", color="red", background="white", motion="right", seed=0),
-     {"color": "blue", "shape": "square", "background": "gray"}),
+     {"color": "blue", "shape": "square", "background": "green"}),
     (dict(shape="square", color="blue", background="black", motion="down", seed=1),
      {"color": "yellow", "shape": "triangle", "background": "white"}),
     (dict(shape="star", color="yellow", background="black", motion="orbiting", seed=2),
@@ -257,21 +260,24 @@ def write_grid(out: Path, clip: dict, edit_index: int, videos: dict[str, list[np
     write_image(frame_grid(rows, labels), out / "grids" / f"{clip['name']}-{e['kind']}.png")
 
 
-def run_diagnose(out: Path, clip: dict, tuned: dict[str, Path], args) -> Path | None:
-    """ei2.diagnose's covariate-shift chart for the first available pair of DIAGNOSE_PAIRS (tuned on clip 0)."""
-    pair = next((p for p in DIAGNOSE_PAIRS if all(m in tuned for m in p)), None)
-    if pair is None:
-        return None
-    folder = out / "diagnose" / "source"
+def run_diagnose(out: Path, clip: dict, tuned: dict[str, Path], args) -> list[Path]:
+    """ei2.diagnose's covariate-shift chart (per layer: mean shift, covariance ratio) of the models tuned on the first
+    clip with the first seed, for each DIAGNOSE_SETS entry of which at least two methods ran."""
+    folder = out / "diagnose-source"
     for i, f in enumerate(clip["frames"]):
         write_image(f, folder / f"{i:02d}.png")
     dclip = diag.Clip(str(folder), clip["caption"], len(clip["frames"]), 0, 1, clip["frames"].shape[1])
-    subjects = [diag.Subject(m, f"{METHODS[m].description}, tuned {args.steps} steps", args.model, dclip,
-                             dataclasses.asdict(VideoOptions(**METHODS[m].video)), tuned=str(tuned[m]),
-                             source=f"this benchmark, seed {args.seed_list[0]}") for m in pair]
-    report = diag.diagnose(subjects, [100, 400, 700], seed=0, device=args.device, progress=False)
-    diag.write_outputs(report, out / "diagnose")
-    return out / "diagnose" / "diagnose.png"
+    charts = []
+    for name, members in DIAGNOSE_SETS.items():
+        members = [m for m in members if m in tuned]
+        if len(members) < 2:
+            continue
+        subjects = [diag.Subject(m, f"{METHODS[m].description}, tuned {args.steps} steps", args.model, dclip,
+                                 dataclasses.asdict(VideoOptions(**METHODS[m].video)), tuned=str(tuned[m]),
+                                 source=f"seed {args.seed_list[0]}") for m in members]
+        report = diag.diagnose(subjects, [100, 400, 700], seed=0, device=args.device, progress=False)
+        charts.append(diag.write_outputs(report, out / name)["png"])
+    return charts
 
 
 def parser() -> argparse.ArgumentParser:
@@ -295,7 +301,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inversion-steps", type=int, default=25, help="DDIM inversion steps (default 25)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the edits (default 7.5)")
     p.add_argument("--quick", action="store_true", help="1 clip, 1 edit (color), first seed, ei2 and tav (for CI)")
-    p.add_argument("--no-diagnose", action="store_true", help="skip the TA-vs-STAM diagnose chart")
+    p.add_argument("--no-diagnose", action="store_true", help="skip the ei2.diagnose covariate-shift charts")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: on a shared 2-core machine 2 threads ran 4x slower)")
@@ -369,9 +375,9 @@ def main(argv: list[str] | None = None) -> None:
     settings["status"] = f"complete: {done} runs, {time.perf_counter() - t_start:.0f} s"
     table = summarize(samples, runs, args.method_list)
     write_results(out, settings, table, samples, runs)
-    chart = None if args.no_diagnose else run_diagnose(out, clips[0], tuned, args)
+    charts = [] if args.no_diagnose else run_diagnose(out, clips[0], tuned, args)
     print(format_table(table))
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'grids'}/" + (f", {chart}" if chart else ""))
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'grids'}/", *charts, sep=", ")
 
 
 if __name__ == "__main__":
