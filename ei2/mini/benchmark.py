@@ -289,7 +289,8 @@ def parser() -> argparse.ArgumentParser:
                     "ei2.mini.parse, and write a Table-1-style table (results.md/json), frame grids and the TA-vs-"
                     "STAM covariate-shift chart. See docs/mini-benchmark.md.",
         epilog=f"methods:\n{names}\ndefault: {DEFAULT_METHODS}\n\nsuite:\n" + "\n".join(
-            f"  {world.make_clip(**c).caption}  ->  edits {e}" for c, e in CLIPS))
+            f"  {world.make_clip(**c).caption}; edits: " + ", ".join(f"{k} -> {v}" for k, v in e.items())
+            for c, e in CLIPS))
     p.add_argument("--model", default="weights/mini", help="SD-layout model folder (default weights/mini)")
     p.add_argument("--methods", default=None, help=f"comma list (default {DEFAULT_METHODS}; --quick: {QUICK_METHODS})")
     p.add_argument("--steps", type=int, default=100, help="tuning steps, every tuned method (default 100)")
