@@ -75,8 +75,8 @@ def test_parse_hand_made_frame():
 def test_parse_ignores_specks_and_finds_two_objects():
     img = box(canvas(size=64), 5, 5, 7, 7, RED)  # 4-pixel speck: below MIN_AREA
     assert parse.parse_frame(img)["n_objects"] == 0
-    scene = world.Scene((world.Obj("circle", "red", (18.0, 18.0), 12.0), world.Obj("star", "yellow", (46.0, 46.0), 14.0)),
-                        "black")
+    scene = world.Scene((world.Obj("circle", "red", (18.0, 18.0), 12.0),
+                         world.Obj("star", "yellow", (46.0, 46.0), 14.0)), "black")
     objs = parse.parse_objects(world.render(scene))["objects"]
     assert sorted((o["color"], o["shape"]) for o in objs) == [("red", "circle"), ("yellow", "star")]
 

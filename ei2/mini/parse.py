@@ -303,8 +303,9 @@ def structure_fidelity(frames, source_frames, parsed: list | None = None, source
     ious = [iou(p["mask"], s["mask"]) for p, s in zip(parsed, source_parsed)]
     h, w = parsed[0]["mask"].shape
     diag = float(np.hypot(h, w))
-    errs = [diag if p["centroid"] is None or s["centroid"] is None else float(np.hypot(
-        p["centroid"][0] - s["centroid"][0], p["centroid"][1] - s["centroid"][1])) for p, s in zip(parsed, source_parsed)]
+    errs = [diag if p["centroid"] is None or s["centroid"] is None else
+            float(np.hypot(p["centroid"][0] - s["centroid"][0], p["centroid"][1] - s["centroid"][1]))
+            for p, s in zip(parsed, source_parsed)]
     return {"iou": float(np.mean(ious)), "trajectory_error": float(np.mean(errs)), "iou_per_frame": ious,
             "trajectory_error_per_frame": errs}
 

@@ -62,9 +62,9 @@ HELD_OUT = (
 TEXT = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
 VAE_CONFIG = VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
                        sample_size=world.SIZE)
-UNET_CONFIG = UNetConfig(sample_size=world.SIZE // 8, block_out_channels=(64, 128, 128), cross_attention=(True, True, True),
-                         layers_per_block=1, attention_head_dim=4, cross_attention_dim=TEXT["hidden_size"],
-                         norm_num_groups=16)
+UNET_CONFIG = UNetConfig(sample_size=world.SIZE // 8, block_out_channels=(64, 128, 128),
+                         cross_attention=(True, True, True), layers_per_block=1, attention_head_dim=4,
+                         cross_attention_dim=TEXT["hidden_size"], norm_num_groups=16)
 IMAGE_OPTIONS = dict(frame_attention="self", temporal="none")
 
 SCHEDULER_CONFIG = {  # SD v1-4's numbers (ei2.ddim implements them); DDIM is what ei2 samples and inverts with
@@ -523,7 +523,9 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; on a shared CPU 1 is fastest (2 OpenMP threads competing with other jobs "
+                        "ran 10-20x slower in our runs)")
     p.add_argument("--resume", action="store_true", help="continue from --out/.train_state")
     p.add_argument("--skip-vae", action="store_true", help="reuse the VAE already saved in --out")
     p.add_argument("--eval-only", action="store_true", help="only evaluate the model saved in --out")

@@ -12,8 +12,8 @@ Everything is a pure function of its arguments and a `numpy.random.Generator`, s
 
 Geometry matches `ei2.video.draw_scene` (the project's demo clip): an object is given by its center (x, y) in pixels
 and its circumradius; squares are axis-aligned, triangles and stars point up; the RGB values of the colors are the same.
-Edges are anti-aliased by 4x4 supersampling (a softer target for the tiny VAE); objects always lie fully inside the frame
-and their color is never the background's.
+Edges are anti-aliased by 4x4 supersampling (a softer target for the tiny VAE); objects always lie fully inside the
+frame and their color is never the background's.
 """
 
 from __future__ import annotations
@@ -269,7 +269,8 @@ def trajectory(motion: str, rng: np.random.Generator, radius: float, n_frames: i
         height = float(rng.uniform(0.5, 1.0)) * (floor - lo(r))
         x0 = float(rng.uniform(lo(r), hi(r)))
         drift = float(rng.uniform(-1, 1)) * min(x0 - lo(r), hi(r) - x0)  # a little sideways travel
-        return [(x0 + drift * float(s), floor - height * abs(math.sin(2 * math.pi * float(s)))) for s in t], [r] * n_frames
+        centers = [(x0 + drift * float(s), floor - height * abs(math.sin(2 * math.pi * float(s)))) for s in t]
+        return centers, [r] * n_frames
     if motion == "orbiting":  # clockwise on screen around a point, 7/8 of a turn over the clip
         R = float(rng.uniform(0.35, 1.0)) * (hi(r) - lo(r)) / 2
         cx = float(rng.uniform(lo(r) + R, hi(r) - R))
