@@ -1,0 +1,209 @@
+"""`python -m ei2.bench` as a CI smoke run: exit code, table format, ratios consistent with the printed figures, JSON
+equal to the tables; the run without diffusers; the training levers change memory, not results.
+
+Never asserts on speed: the machine running the tests may be shared and slow."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ei2 import bench
+from ei2.unet import UNet, UNetConfig, VideoOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--tiny", "--device", "cpu", "--size", "64", "--frames", "2", "--steps", "2", "--inference-steps", "2",
+         "--repeats", "1"]
+# --threads 1: on a loaded 2-core machine two OpenMP threads per process make runs 10-100x slower (spin-waiting)
+
+ROWS = {
+    1: ["image UNet (same math)", "video GroupNorm (TAV)", "EI² (FFAM r=2 + STAM)"],
+    2: ["tuning step (fp32)"],
+    3: ["self", "sca", "ffam r=2", "ffam r=4", "full"],
+    4: ["vae encode", "tuning", "ddim inversion", "tuning + inversion", "guided edit", "vae decode",
+        "inference (edit + decode)", "whole job"],
+}
+
+
+def run_bench(args, tmp_path, env=None):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "ei2.bench", *args, "--threads", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def parse_tables(stdout: str) -> dict[int, dict]:
+    """{section: {"header": line, "columns": [...], "rows": {name: [cells]}}} from the printed markdown."""
+    tables, current = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("## "):
+            section = int(line[3:].split(".")[0])
+            current = tables[section] = {"header": line, "columns": None, "rows": {}}
+        elif line.startswith("|") and current is not None:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if current["columns"] is None:
+                current["columns"] = cells
+            elif not set("".join(cells)) <= set("-"):
+                assert cells[0] not in current["rows"], f"duplicate row {cells[0]}"
+                current["rows"][cells[0]] = cells
+    return tables
+
+
+def check_ratio(ei2: str, ref: str, ratio: str):
+    """ratio == ei2 / ref of the printed figures: 4 significant digits each (relative error <= 5e-4 apiece) and a
+    ratio printed to 3 decimals."""
+    if ratio == "n/a":
+        return
+    a, b, r = float(ei2), float(ref), float(ratio)
+    assert abs(r - a / b) <= 5e-4 + 1.1e-3 * a / b, (ei2, ref, ratio)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    return run_bench(SMOKE, tmp_path_factory.mktemp("bench"))
+
+
+def test_smoke_tables(smoke):
+    stdout, data = smoke
+    tables = parse_tables(stdout)
+    assert sorted(tables) == [1, 2, 3, 4]
+    for section, names in ROWS.items():
+        t = tables[section]
+        assert t["header"].startswith(f"## {section}. ")
+        assert t["columns"][0] == "name" and t["columns"][3] == "ratio"
+        assert t["columns"][1].startswith("ei2 ")
+        assert list(t["rows"]) == names
+        for name, cells in t["rows"].items():
+            assert len(cells) == len(t["columns"]), name
+            check_ratio(cells[1], cells[2], cells[3])
+    # with diffusers installed (the test extra), sections 1 and 2 carry measured reference figures and ratios
+    for section in (1, 2):
+        for cells in tables[section]["rows"].values():
+            assert (cells[2] != "n/a" and cells[3] != "n/a") == data["meta"]["reference"]
+    # section 3: the reference is SCA; the key-length arithmetic for n = 2 frames of 8 x 8 tokens (l = 64)
+    rows3 = tables[3]["rows"]
+    assert rows3["sca"][3] == "1.000"
+    keys = {name: int(cells[tables[3]["columns"].index("keys per query frame")]) for name, cells in rows3.items()}
+    assert keys == {"self": 64, "sca": 128, "ffam r=2": 64 + 16, "ffam r=4": 64 + 4, "full": 128}
+    # section 4: the paper's figures are quoted; not at the paper's settings, so no ratio
+    rows4 = tables[4]["rows"]
+    assert "quoted" in tables[4]["header"].lower() or "quoted" in " ".join(tables[4]["columns"]).lower()
+    assert rows4["tuning + inversion"][2] == "750.0" and rows4["inference (edit + decode)"][2] == "30.00"
+    assert all(cells[3] == "n/a" for cells in rows4.values())
+    assert "finite" in rows4["vae decode"][-1] and "NOT" not in rows4["vae decode"][-1]
+
+
+def test_smoke_json_matches_tables(smoke):
+    stdout, data = smoke
+    tables = parse_tables(stdout)
+    assert data["meta"]["config"] == "tiny" and data["meta"]["frames"] == 2 and data["meta"]["size"] == 64
+    assert [s["section"] for s in data["sections"]] == [1, 2, 3, 4]
+    for sec in data["sections"]:
+        t = tables[sec["section"]]
+        assert sec["columns"] == t["columns"]
+        assert [r["name"] for r in sec["rows"]] == list(t["rows"])
+        for row in sec["rows"]:
+            cells = t["rows"][row["name"]]
+            assert bench.fmt(row["ei2"]) == cells[1]
+            assert bench.fmt(row["ref"]) == cells[2]
+            assert bench.fmt_ratio(row["ratio"]) == cells[3]
+            if row["ratio"] is not None:
+                assert math.isclose(row["ratio"], row["ei2"] / row["ref"], rel_tol=1e-9)
+
+
+def test_runs_without_diffusers(tmp_path):
+    """A `diffusers` that fails to import (as when it is not installed): ei2 rows only, reference columns n/a."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "diffusers.py").write_text("raise ImportError('diffusers blocked for this test')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    stdout, data = run_bench([*SMOKE, "--sections", "1,2"], tmp_path, env=env)
+    tables = parse_tables(stdout)
+    assert sorted(tables) == [1, 2]
+    assert list(tables[1]["rows"]) == ROWS[1] and list(tables[2]["rows"]) == ROWS[2]
+    for t in tables.values():
+        for cells in t["rows"].values():
+            assert cells[1] != "n/a" and cells[2] == "n/a" and cells[3] == "n/a"
+    assert data["meta"]["diffusers"] is None and data["meta"]["reference"] is False
+
+
+def test_help_names_the_protocol():
+    proc = subprocess.run([sys.executable, "-m", "ei2.bench", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    assert "--protocol gpu" in proc.stdout and "--tiny" in proc.stdout and "--json" in proc.stdout
+
+
+def test_format_and_key_lengths():
+    assert bench.fmt(None) == "n/a" and bench.fmt(1234.567) == "1235" and bench.fmt(0.012345) == "0.01235"
+    assert bench.fmt(2.5) == "2.500" and bench.fmt_ratio(0.9996) == "1.000"
+    l, n = 64 * 64, 8  # the paper's largest level: frame i's l tokens + strided tokens of the n - 1 others
+    assert bench.key_length("self", 1, n, 64, 64) == l
+    assert bench.key_length("sca", 1, n, 64, 64) == 2 * l
+    assert bench.key_length("ffam", 2, n, 64, 64) == l + (n - 1) * l // 4
+    assert bench.key_length("ffam", 4, n, 64, 64) == l + (n - 1) * l // 16
+    assert bench.key_length("full", 1, n, 64, 64) == n * l
+    assert bench.key_length("ffam", 2, n, 5, 5) == 25 + (n - 1) * 9  # ceil(5/2)^2 for odd grids
+    assert bench.key_length("sca", 1, 1, 8, 8) == 64  # one frame: every mode is self-attention
+
+
+def test_weights_seeded_by_name():
+    """ei2 and diffusers-style modules with the same names get identical values whatever the construction order."""
+    a = bench.init_sd_weights_(torch.nn.ModuleDict({"x": torch.nn.Linear(3, 4), "norm": torch.nn.LayerNorm(4)}), 7)
+    b = bench.init_sd_weights_(torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(4), "x": torch.nn.Linear(3, 4)}), 7)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])
+    assert (a["norm"].weight - 1).abs().max() < 0.5  # norm weights around 1
+
+
+def _loss_trajectory(lever: "bench.Lever", steps: int = 3) -> tuple[list[float], torch.nn.Module]:
+    torch.manual_seed(0)
+    cfg = UNetConfig.tiny()
+    model = bench.init_sd_weights_(UNet(cfg, VideoOptions()), 0)
+    fn, opt, _ = bench.prepare_for_tuning(model, lever, torch.device("cpu"), ei2=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 3, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, cfg.cross_attention_dim, generator=g)
+    target = torch.randn(x.shape, generator=g)
+    t = torch.tensor(400)
+    return [bench.tuning_step(fn, opt, x, t, ctx, target, lever.amp).item() for _ in range(steps)], model
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on a shared 2-core machine: one thread avoids OpenMP oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_levers_change_memory_not_results(one_thread):
+    """Gradient checkpointing gives the same loss trajectory (fp32, 1e-6: only the recomputation order differs);
+    frozen bf16 weights give the trajectory of plain bf16 autocast within 1e-2 relative (both compute in bf16; the
+    frozen weights are rounded to bf16 once instead of at every cast, which is the same rounding) and store the frozen
+    weights in half the bytes, with the trainable tensors still fp32."""
+    base, _ = _loss_trajectory(bench.Lever("fp32"))
+    ckpt, _ = _loss_trajectory(bench.Lever("ckpt", checkpointing=True))
+    assert base[0] != base[-1]  # the steps do change the model
+    for a, b in zip(base, ckpt):
+        assert abs(a - b) <= 1e-6 * abs(a)
+
+    amp, amp_model = _loss_trajectory(bench.Lever("bf16", amp=torch.bfloat16))
+    frozen, frozen_model = _loss_trajectory(bench.Lever("frozen", amp=torch.bfloat16, frozen_low=True))
+    for a, b, c in zip(base, amp, frozen):
+        assert abs(b - c) <= 1e-2 * abs(b)
+        assert abs(a - c) <= 5e-2 * abs(a)
+
+    def weight_bytes(m, trainable):
+        return sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad == trainable)
+
+    assert weight_bytes(frozen_model, False) * 2 == weight_bytes(amp_model, False)
+    assert weight_bytes(frozen_model, True) == weight_bytes(amp_model, True)
+    assert all(p.dtype == torch.float32 for p in frozen_model.parameters() if p.requires_grad)
