@@ -177,8 +177,10 @@ class SpectralNormLinear(nn.Linear):
         self.v.copy_(v)
 
     @torch.no_grad()
-    def converge(self, max_iterations: int = 2000, tol: float = 1e-7) -> None:
-        """Power-iterate until sigma stops changing (relative tol), so W̄ is normalized from the first step."""
+    def converge(self, max_iterations: int = 1000, tol: float = 1e-6) -> None:
+        """Power-iterate until sigma changes by less than `tol` (relative) over 10 iterations, so W̄ is normalized from
+        the first step. sigma's error shrinks like (sigma_2 / sigma_1)^(2k): about 100 iterations reach 1e-4 for the
+        1280 x 1280 maps of SD's deepest level at their random init."""
         sigma = self.sigma()
         for _ in range(max_iterations // 10):
             self.power_iteration(10)
