@@ -17,8 +17,8 @@ diffusers is the reference and is imported only inside functions here; without i
 Random weights everywhere: speed does not depend on the values, and each parameter's values are seeded by its name, so
 ei2 and diffusers get identical weights without a checkpoint on disk.
 
-The training levers are written as small functions here (`freeze_to_dtype_`, `channels_last_`, `make_optimizer`,
-`compile_model`, `tuning_step`) so that they can move into the training code unchanged.
+The training levers are small functions: `ei2.pipeline.freeze_to_dtype_` (shared with the training job),
+`channels_last_`, `make_optimizer`, `compile_model`, `tuning_step`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from torch import nn
 from . import ddim
 from .attention import FrameAttention
 from .checkpoint import atomic_path
+from .pipeline import freeze_to_dtype_
 from .unet import UNet, UNetConfig, VideoOptions, is_temporal_key, mark_trainable
 from .vae import AutoencoderKL, VAEConfig
 
@@ -353,39 +354,6 @@ def mark_trainable_reference(model: nn.Module) -> int:
     return count
 
 
-@torch.no_grad()
-def freeze_to_dtype_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Frozen weights in low precision, fp32 only for the trainable tensors (which are then their own master copies).
-
-    Every parameter with requires_grad False is cast to `dtype` in place; trainable parameters and all buffers (the
-    spectral-norm vectors) stay fp32. The forward must run under autocast(dtype): it casts the trainable weights to
-    `dtype` for the matrix products (a differentiable cast, so gradients and AdamW states are fp32), and runs the norms
-    in fp32 on CUDA. Halves the memory of the frozen 860 M parameters (3.4 GB -> 1.7 GB) and removes autocast's
-    per-step weight casts (which otherwise also keep a bf16 copy of every weight alive for the backward)."""
-    for p in model.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(dtype)
-    return model
-
-
-def spectral_norm_outside_autocast_(model: nn.Module) -> nn.Module:
-    """Work around ei2.attention.SpectralNormLinear under autocast: `sigma()` is `torch.dot(u, W @ v)`, and autocast
-    runs the matmul in bf16/fp16 while `u` stays fp32, so `dot` fails ("expected both vectors to have same dtype";
-    seen on CPU, and CUDA's autocast lists treat matmul and dot the same way). Here each instance computes W / sigma_max(W) (power iteration included) with autocast off,
-    in the weight's own precision (fp32 for the trainable STAM weights); the Linear itself still runs under autocast.
-    The proper fix belongs in ei2/attention.py."""
-    from .attention import SpectralNormLinear
-
-    for m in model.modules():
-        if isinstance(m, SpectralNormLinear) and "normalized_weight" not in m.__dict__:
-            def normalized_weight(m=m, original=m.normalized_weight):
-                with torch.autocast(m.weight.device.type, enabled=False):
-                    return original()
-
-            m.normalized_weight = normalized_weight
-    return model
-
-
 def channels_last_(model: nn.Module) -> nn.Module:
     """NHWC layout for the 4-D weights (convolutions); tensor cores and oneDNN prefer it."""
     return model.to(memory_format=torch.channels_last)
@@ -588,8 +556,6 @@ def prepare_for_tuning(model: nn.Module, lever: Lever, device: torch.device, ei2
     count)."""
     count = mark_trainable(model) if ei2 else mark_trainable_reference(model)
     model.to(device).train()
-    if ei2 and lever.amp is not None:
-        spectral_norm_outside_autocast_(model)
     if lever.frozen_low:
         freeze_to_dtype_(model, lever.amp)
     if lever.channels_last:
