@@ -59,6 +59,7 @@ class TrainConfig:
     output_dir: str = _key("runs/<name>", "where outputs go; <name> is the config file's name")
     fps: int = _key(8, "frame rate of the written videos")
     device: str = _key("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    score: str = _key("none", "mini: score each edit with the miniature world's exact metrics (docs/mini.md); none")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -234,6 +235,7 @@ def validate(cfg: TrainConfig) -> None:
         ("temporal_norm", cfg.temporal_norm, (None,) + TEMPORAL_NORMS),
         ("resnet_norm", cfg.resnet_norm, ("video", "frame")),
         ("precision", cfg.precision, PRECISIONS),
+        ("score", cfg.score, ("none", "mini")),
     ]
     checks += [(value in allowed, f"{name}={value!r} is not one of {', '.join(str(a) for a in allowed)}")
                for name, value, allowed in choices]
