@@ -47,7 +47,8 @@ def test_convex_hull_area_known_shapes():
     el[0:4, 0:1] = True
     el[3:4, 0:4] = True  # an L of 4 + 3 pixels; hull = the triangle-ish polygon (0,0),(1,0),(4,3),(4,4),(0,4)
     assert parse.convex_hull_area(el) == pytest.approx(1 * 4 + 0.5 * 3 * 3 + 3 * 1)  # 11.5
-    assert parse.shape_features(m) == {"fill": 1.0, "solidity": 1.0}
+    f = parse.shape_features(m)
+    assert (f["fill"], f["solidity"]) == (1.0, 1.0)
 
 
 def test_iou_known_answers():
@@ -81,11 +82,29 @@ def test_parse_ignores_specks_and_finds_two_objects():
     assert sorted((o["color"], o["shape"]) for o in objs) == [("red", "circle"), ("yellow", "star")]
 
 
-def test_shape_centroids_still_fit_the_renderer():
-    fitted = parse.fit_shape_centroids(n=300, seed=12345)
-    for shape, (fill, solidity) in parse.SHAPE_CENTROIDS.items():
-        assert fitted[shape][0] == pytest.approx(fill, abs=0.02)
-        assert fitted[shape][1] == pytest.approx(solidity, abs=0.02)
+def test_harmonic_reference_still_fits_the_renderer():
+    fitted = parse.fit_harmonic_reference(n=300, seed=12345)
+    for k, amp in parse.HARMONIC_REFERENCE.items():
+        assert fitted[k] == pytest.approx(amp, abs=0.01)
+
+
+def test_radial_profile_and_harmonics_known_answers():
+    # a disc of radius 10: r(theta) ~ 10 at every angle, no corner harmonics
+    yy, xx = np.mgrid[0:40, 0:40] + 0.5
+    disc = (xx - 20) ** 2 + (yy - 20) ** 2 <= 100
+    r = parse.radial_profile(disc, (20.0, 20.0))
+    assert r.shape == (parse.N_RAYS,) and np.all(np.abs(r - 10) <= 1)
+    f = parse.shape_features(disc)
+    assert max(f["a3"], f["a4"], f["a5"]) < 0.02 and parse.classify_shape(f) == "circle"
+    # an axis-aligned 20 x 20 square: r from 10 (sides) to 14.1 (corners) -> a strong 4th harmonic
+    sq = np.zeros((40, 40), bool)
+    sq[10:30, 10:30] = True
+    r = parse.radial_profile(sq, (20.0, 20.0))
+    assert r[0] == pytest.approx(10, abs=0.25) and r[parse.N_RAYS // 8] == pytest.approx(14.25, abs=0.5)
+    f = parse.shape_features(sq)
+    assert f["a4"] > 0.1 and parse.classify_shape(f) == "square"
+    assert parse.classify_shape({"a3": 0.1, "a4": 0.05, "a5": 0.2}) == "star"
+    assert parse.classify_shape({"a3": 0.05, "a4": 0.05, "a5": 0.05}) == "circle"
 
 
 # The stated bar: on held-out rendered frames (a seed the centroids never saw) the parser gets color, shape and
@@ -106,9 +125,9 @@ def test_parser_survives_blur_and_noise():
     for _ in range(n):
         scene, _ = world.training_example(rng)
         img = world.render(scene).astype(float)
-        k = np.array([1, 2, 1], float) / 4  # separable 3x3 blur
-        img = np.apply_along_axis(lambda r: np.convolve(np.pad(r, 1, mode="edge"), k, "valid"), 0, img)
-        img = np.apply_along_axis(lambda r: np.convolve(np.pad(r, 1, mode="edge"), k, "valid"), 1, img)
+        k = np.array([1, 4, 6, 4, 1], float) / 16  # separable 5x5 binomial blur (sigma 1 px)
+        img = np.apply_along_axis(lambda r: np.convolve(np.pad(r, 2, mode="edge"), k, "valid"), 0, img)
+        img = np.apply_along_axis(lambda r: np.convolve(np.pad(r, 2, mode="edge"), k, "valid"), 1, img)
         img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
         p = parse.parse_frame(img)
         o = scene.objects[0]

@@ -165,7 +165,7 @@ def train_vae(args, out: Path, device, frozen_encoder: AutoencoderKL | None = No
     steps = args.vae_steps if frozen_encoder is None else args.decoder_steps
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(VAE_CONFIG) if frozen_encoder is None else copy.deepcopy(frozen_encoder)
-    vae = vae.to(device).train()
+    vae = vae.to(device).train().requires_grad_(True)  # the frozen copy handed in has requires_grad off
     params = list(vae.parameters())
     if frozen_encoder is not None:
         for m in (vae.encoder, vae.quant_conv):
