@@ -190,7 +190,19 @@ def sample_metrics(video: np.ndarray, edit: dict, source_caption: str) -> dict:
     a, f, c = m["alignment"], m["fidelity"], m["consistency"]
     return {"align_edited": a["edited"], "align_kept": a["unedited"], "iou": f["iou"],
             "trajectory_px": f["trajectory_error"], "consistency": c["attribute_stability"],
-            "bg_change": c["background_change"], "parsed_attributes": {k: a[k] for k in parse.ATTRIBUTES}}
+            "bg_change": c["background_change"], "parsed_attributes": {k: a[k] for k in parse.ATTRIBUTES},
+            "parsed_majority": majority(video)}
+
+
+def majority(video: np.ndarray) -> dict:
+    """The most frequent parsed colour, shape and background over the frames (what the edit looks like to the
+    parser), with the median RGB of the object's interior."""
+    frames = [parse.parse_objects(f) for f in video]
+    objs = [p["objects"][0] for p in frames if p["objects"]]
+    common = lambda xs: max(set(xs), key=xs.count) if xs else None  # noqa: E731
+    return {"color": common([o["color"] for o in objs]), "shape": common([o["shape"] for o in objs]),
+            "background": common([p["background"] for p in frames]),
+            "rgb": [round(float(x)) for x in np.median([o["rgb"] for o in objs], axis=0)] if objs else None}
 
 
 def mean_std(values: list[float]) -> dict:
