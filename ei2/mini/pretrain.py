@@ -497,7 +497,7 @@ def plot_losses(log: dict, width: int = 900, height: int = 320):
             x = x0 + f * (x1 - x0)
             draw.text((x - 10, y1 + 6), f"{int(f * steps.max())}", fill=(0, 0, 0))
         title = {"vae": "VAE (weighted L1 + L2 + KL)", "unet": "UNet (eps MSE)", "decoder": "VAE decoder tuning"}[phase]
-        draw.text((x0, 10), f"{title}, log scale, vs step", fill=(0, 0, 0))
+        draw.text((x0, 10), f"{title}; log y, x = step", fill=(0, 0, 0))
     return canvas
 
 
