@@ -1,6 +1,6 @@
 """`python -m ei2.mini.benchmark`: the paper's comparison (Table 1, Fig. 4) in the miniature world, scored exactly.
 
-    python -m ei2.mini.benchmark                       # the default suite on weights/mini (about 30 min, 2-core CPU)
+    python -m ei2.mini.benchmark                       # the default suite on weights/mini (15-21 min, 2-core CPU)
     python -m ei2.mini.benchmark --quick               # 1 clip, 1 edit, 1 seed, EI² vs Tune-A-Video (CI)
     python -m ei2.mini.benchmark --methods ei2,tav,sca_stam --seeds 0,1,2 --steps 150
 
