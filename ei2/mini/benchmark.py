@@ -25,7 +25,6 @@ import ctypes
 import dataclasses
 import gc
 import json
-import math
 import os
 import sys
 import threading
