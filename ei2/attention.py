@@ -9,7 +9,6 @@ other frames.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import _first_line, atomic_path
 from .errors import Ei2Error, cli_main
+from .pipeline import resolve_device
 from .stats import frame_consistency, textual_alignment
 
 DEFAULT_CLIP = "weights/clip-vit-large-patch14"
@@ -321,15 +322,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Ei2Error(f"device {name!r} asked for but CUDA is not available; use --device cpu")
-    return device
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
@@ -343,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         raise Ei2Error(f"run directory not found: {args.run}")
     if args.video:
         read_all_frames(args.video, 1)  # a missing or broken video fails before CLIP loads
-    scorer = ClipScorer(args.clip, _device(args.device))
+    scorer = ClipScorer(args.clip, resolve_device(args.device))
     if args.run:
         metrics = evaluate_run(args.run, scorer, args.max_frames, progress=not args.no_progress)
         print(run_table(metrics))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 
 @dataclass
@@ -40,7 +40,6 @@ class UNetConfig:
 
     def to_diffusers_dict(self) -> dict:
         """The unet/config.json diffusers writes for this architecture (used to save models in the real layout)."""
-        n = len(self.block_out_channels)
         return {
             "_class_name": "UNet2DConditionModel",
             "sample_size": self.sample_size,

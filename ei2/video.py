@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .checkpoint import atomic_path
 from .errors import Ei2Error
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -182,21 +182,7 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path `.<name>.<random>.tmp<ext>` next to `path` (same extension, so ffmpeg and Pillow pick
-    the format from it); renamed onto `path` on success, removed on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+atomic_file = atomic_path  # the checkpoint module's atomic writer keeps the extension
 
 
 def _check_frame(frame, shape: tuple[int, ...] | None, index: int) -> np.ndarray:
