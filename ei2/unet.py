@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import (FRAME_ATTENTIONS, TEMPORAL_NORMS, Attention, FrameAttention, SpectralNormLinear,
+                        temporal_module)
+from .errors import Ei2Error
 
 
 @dataclass
@@ -63,17 +73,6 @@ class UNetConfig:
         }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-import math  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
-
-from .attention import (FRAME_ATTENTIONS, TEMPORAL_NORMS, Attention, FrameAttention, SpectralNormLinear,  # noqa: E402
-                        temporal_module)
-from .errors import Ei2Error  # noqa: E402
 
 
 @dataclass

@@ -9,7 +9,7 @@ from conftest import diffusers_unet, randomize, sd_keys
 from safetensors.torch import save_file
 
 from ei2.errors import Ei2Error
-from ei2.unet import UNet, UNetConfig, VideoOptions
+from ei2.unet import UNet, UNetConfig
 
 IMAGE = dict(frame_attention="self", temporal="none")
 
