@@ -73,8 +73,6 @@ class UNetConfig:
         }
 
 
-
-
 @dataclass
 class VideoOptions:
     """How the image UNet is inflated for video (section 4 of the paper; Tune-A-Video for the baseline).
