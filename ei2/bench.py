@@ -13,7 +13,8 @@ measured model on the device (absolute: weights + activations + optimizer state)
 process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident set at the start of the
 measurement, "n/a" where the kernel does not allow the reset.
 
-diffusers is the reference and is imported only inside functions here; without it the reference columns read n/a.
+diffusers is the reference; its side lives in benchmarks/diffusers_reference.py, outside the ei2 package (ei2 never
+imports diffusers). Without diffusers, or without that folder, the reference columns read n/a.
 Random weights everywhere: speed does not depend on the values, and each parameter's values are seeded by its name, so
 ei2 and diffusers get identical weights without a checkpoint on disk.
 
@@ -314,21 +315,32 @@ def init_sd_weights_(model: nn.Module, seed: int = 0, skip: Callable[[str], bool
     return model
 
 
-def diffusers_available() -> bool:
+def _reference():
+    """benchmarks/diffusers_reference.py of the repository (a dev module: ei2 itself never imports diffusers)."""
+    import importlib
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
     try:
-        import diffusers
-    except ImportError:
-        return False
-    diffusers.utils.logging.set_verbosity_error()  # its advice on .to(dtype) is about loading, not this benchmark
-    return True
+        return importlib.import_module("benchmarks.diffusers_reference")
+    except ImportError:  # an installed ei2 without the repository's benchmarks/ folder
+        return None
+
+
+def diffusers_version() -> str | None:
+    ref = _reference()
+    return ref.version() if ref is not None else None
+
+
+def diffusers_available() -> bool:
+    return diffusers_version() is not None
 
 
 def reference_unet(config: UNetConfig, seed: int = 0) -> nn.Module:
     """diffusers' UNet2DConditionModel with the architecture of `config` and `init_sd_weights_` (CPU, fp32)."""
-    from diffusers import UNet2DConditionModel
-
-    kw = {k: v for k, v in config.to_diffusers_dict().items() if not k.startswith("_")}
-    return init_sd_weights_(UNet2DConditionModel(**kw), seed)
+    return init_sd_weights_(_reference().unet(config), seed)
 
 
 def ei2_unet(config: UNetConfig, seed: int = 0, **video) -> UNet:
@@ -488,10 +500,7 @@ def section_forward(s: Settings, log) -> Table:
         variants += [("video GroupNorm (TAV)", dict(IMAGE, resnet_norm="video")), ("EI² (FFAM r=2 + STAM)", EI2)]
     cases = []
     if s.reference:
-        from diffusers import UNet2DConditionModel
-
-        kw = {k: v for k, v in cfg.to_diffusers_dict().items() if not k.startswith("_")}
-        cases.append(case("diffusers", lambda: share_weights_(UNet2DConditionModel(**kw), base),
+        cases.append(case("diffusers", lambda: share_weights_(_reference().unet(cfg), base),
                           lambda m: m(x_frames, t, ctx_frames).sample))
     for name, video in variants:
         cases.append(case(name, lambda video=video: share_weights_(UNet(cfg, VideoOptions(**video)), base),
@@ -952,12 +961,7 @@ def cpu_name() -> str:
 
 
 def meta(s: Settings, argv) -> dict:
-    try:
-        import diffusers
-
-        dv = diffusers.__version__
-    except ImportError:
-        dv = None
+    dv = diffusers_version()
     dev = s.device
     return {
         "argv": list(argv),
