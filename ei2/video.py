@@ -339,7 +339,7 @@ def _rgb(color) -> np.ndarray:
     return np.asarray(color, dtype=np.uint8)
 
 
-def _inside_polygon(x: np.ndarray, y: np.ndarray, poly: np.ndarray) -> np.ndarray:
+def inside_polygon(x: np.ndarray, y: np.ndarray, poly: np.ndarray) -> np.ndarray:
     """Even-odd rule for the points (x, y) against the polygon's vertices (k, 2)."""
     inside = np.zeros(x.shape, dtype=bool)
     for (x0, y0), (x1, y1) in zip(poly, np.roll(poly, -1, axis=0)):
@@ -365,7 +365,7 @@ def shape_mask(shape: str, center: tuple[float, float], radius: float, size: int
         r = np.full(k, radius) if shape == "triangle" else np.where(np.arange(k) % 2 == 0, radius, STAR_INNER * radius)
         angles = -np.pi / 2 + 2 * np.pi * np.arange(k) / k
         poly = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1)
-        return _inside_polygon(x, y, poly)
+        return inside_polygon(x, y, poly)
     raise ValueError(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}")
 
 

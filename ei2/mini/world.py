@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..video import inside_polygon  # the demo clip's drawing code, so the two worlds share one geometry
+
 SIZE = 64
 N_FRAMES = 8
 SUPERSAMPLE = 4
@@ -150,17 +152,6 @@ def parse_caption(text: str) -> dict:
 # --- Rendering --------------------------------------------------------------------------------------------------------
 
 
-def _inside_polygon(x: np.ndarray, y: np.ndarray, poly: np.ndarray) -> np.ndarray:
-    """Even-odd rule for the points (x, y) against the polygon's vertices (k, 2)."""
-    inside = np.zeros(x.shape, dtype=bool)
-    for (x0, y0), (x1, y1) in zip(poly, np.roll(poly, -1, axis=0)):
-        crosses = (y0 > y) != (y1 > y)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            xc = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
-        inside ^= crosses & (x < xc)
-    return inside
-
-
 def polygon(shape: str, center: tuple[float, float], radius: float) -> np.ndarray | None:
     """Vertices (k, 2) of a triangle / star / square inscribed in the circle (center, radius); None for a circle."""
     cx, cy = center
@@ -193,7 +184,7 @@ def coverage(shape: str, center: tuple[float, float], radius: float, size: int =
     xs = (np.arange(x0, x1)[:, None] + offs[None]).reshape(-1)
     y, x = np.meshgrid(ys, xs, indexing="ij")
     poly = polygon(shape, center, radius)
-    inside = (x - cx) ** 2 + (y - cy) ** 2 <= radius**2 if poly is None else _inside_polygon(x, y, poly)
+    inside = (x - cx) ** 2 + (y - cy) ** 2 <= radius**2 if poly is None else inside_polygon(x, y, poly)
     out[y0:y1, x0:x1] = inside.reshape(y1 - y0, s, x1 - x0, s).mean(axis=(1, 3))
     return out
 
