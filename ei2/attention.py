@@ -59,9 +59,10 @@ def fine_coarse_context(z: torch.Tensor, r: int) -> torch.Tensor:
     coarse = z[:, :, ::r, ::r].reshape(b, n, -1, d)  # (b, n, lc, d), lc = ceil(h/r) * ceil(w/r)
     if n == 1:
         return fine
-    # others[i] = [j for j in range(n) if j != i]: (n, n-1) index into the frame axis
-    others = torch.arange(n, device=z.device).expand(n, n)
-    others = others[~torch.eye(n, dtype=torch.bool, device=z.device)].view(n, n - 1)
+    # others[i] = [j for j in range(n) if j != i], an (n, n-1) index into the frame axis: others[i, k] = k + (k >= i).
+    # Arithmetic, not a boolean mask, so nothing waits for the device (a mask index is a nonzero(), a host sync).
+    k = torch.arange(n - 1, device=z.device)
+    others = k + (k >= torch.arange(n, device=z.device)[:, None])
     coarse = coarse[:, others].reshape(b, n, (n - 1) * coarse.shape[2], d)  # (b, n, n-1, lc, d) -> (b, n, (n-1) lc, d)
     return torch.cat([fine, coarse], dim=2)
 
