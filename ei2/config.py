@@ -55,6 +55,7 @@ class TrainConfig:
     resnet_norm: str = _key("video", "ResNet GroupNorm statistics over all frames (video) or per frame (frame)")
     precision: str = _key("auto", "auto (bf16 on CUDA if supported, else fp16; fp32 on CPU), fp32, bf16 or fp16")
     gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass to save memory")
+    compile: bool = _key(False, "torch.compile the UNet: faster CUDA steps after a one-off compile of a few minutes")
     checkpoint_every: int = _key(100, "save the tuned weights every this many steps (0: only at the end)")
     output_dir: str = _key("runs/<name>", "where outputs go; <name> is the config file's name")
     fps: int = _key(8, "frame rate of the written videos")

@@ -115,6 +115,14 @@ def freeze_to_dtype_(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mod
     return model
 
 
+def make_optimizer(unet: UNet, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable tensors (paper: lr 3e-5; Tune-A-Video: weight decay 1e-2); the fused kernel on CUDA
+    (one launch for all 600 trainable tensors instead of several per tensor)."""
+    params = [p for p in unet.parameters() if p.requires_grad]
+    fused = {"fused": True} if params and params[0].device.type == "cuda" else {}
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, **fused)
+
+
 @torch.no_grad()
 def encode_video(models: Models, frames: torch.Tensor):
     """frames (n, 3, H, W) in [-1, 1] -> the VAE posterior over the frames' latents, computed once (its moments are

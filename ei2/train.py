@@ -29,8 +29,8 @@ from . import __version__
 from .checkpoint import atomic_path, save_safetensors
 from .config import describe_keys, load_config, save_config
 from .errors import Ei2Error, cli_main
-from .pipeline import (NonFiniteLoss, check_model, encode_video, invert, load_models, render, resolve_device,
-                       resolve_precision, tune_steps)
+from .pipeline import (NonFiniteLoss, check_model, encode_video, invert, load_models, make_optimizer, render,
+                       resolve_device, resolve_precision, tune_steps)
 from .tuned import load_training_state, save_training_state, save_tuned, trainable_parameters
 from .unet import VideoOptions
 from .video import frame_grid, read_frames, side_by_side, to_uint8, write_image, write_video
@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 VIDEO_KEYS = ("frame_attention", "ratio", "temporal", "temporal_norm", "spectral_norm", "resnet_norm")
 # settings that may change between an interrupted run and its --resume without changing what was computed so far
-RESUMABLE = {"steps", "checkpoint_every", "edit_prompts", "guidance", "inference_steps", "fps", "device", "output_dir"}
+RESUMABLE = {"steps", "checkpoint_every", "compile", "edit_prompts", "guidance", "inference_steps", "fps", "device",
+             "output_dir"}
 
 
 def video_options(cfg) -> VideoOptions:
@@ -111,6 +112,8 @@ def run(cfg, resume: bool = False, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     models = load_models(cfg.model, video_options(cfg), device, precision)
     models.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        models.unet.compile()  # in place: parameter names, checkpoints and hooks stay those of the plain module
     log["timings"]["load_s"] = time.perf_counter() - t0
 
     # --- tuning (Eq. 2) ---------------------------------------------------------------------------------------
@@ -118,9 +121,8 @@ def run(cfg, resume: bool = False, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     posterior = encode_video(models, frames)
     caption = models.text.encode([cfg.caption])
-    names, params = trainable_parameters(models.unet)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  **({"fused": True} if device.type == "cuda" else {}))
+    names, _ = trainable_parameters(models.unet)
+    optimizer = make_optimizer(models.unet, cfg.learning_rate, cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     start, losses = 0, []
     if resume:

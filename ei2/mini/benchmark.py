@@ -37,8 +37,9 @@ import torch
 from .. import diagnose as diag
 from ..checkpoint import atomic_path
 from ..errors import Ei2Error, cli_main
-from ..pipeline import encode_video, invert, load_models, render, resolve_device, resolve_precision, tune_steps
-from ..tuned import save_tuned, trainable_parameters
+from ..pipeline import (encode_video, invert, load_models, make_optimizer, render, resolve_device, resolve_precision,
+                        tune_steps)
+from ..tuned import save_tuned
 from ..unet import VideoOptions
 from ..video import frame_grid, to_uint8, write_image
 from . import parse, world
@@ -164,8 +165,7 @@ def run_one(args, method: Method, clip: dict, seed: int, device, precision: str,
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         if steps:
-            _, params = trainable_parameters(models.unet)
-            optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+            optimizer = make_optimizer(models.unet, args.lr, 1e-2)
             generator = torch.Generator(device).manual_seed(seed)
             tune_steps(models, posterior, models.text.encode([clip["caption"]]), optimizer, generator, 0, steps, 1.0,
                        on_sync=lambda step, values: losses.extend(values), progress=False)
