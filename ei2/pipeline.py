@@ -95,8 +95,21 @@ def load_models(model: str, video: VideoOptions, device: torch.device, precision
         near = [Path(model).parent / "tokenizer", Path(model).parent / "stable-diffusion-v1-4" / "tokenizer"]
         tokenizer = next((p for p in near if p.is_dir()), None)
     text = TextEncoder.from_pretrained(model, device=device, tokenizer=tokenizer)
-    vae = AutoencoderKL.from_pretrained(model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(device)
-    unet = UNet.from_pretrained(model, **dataclasses.asdict(video)).to(device)
+    vae = AutoencoderKL.from_pretrained(model, dtype=vae_dtype(precision))
+    unet = UNet.from_pretrained(model, **dataclasses.asdict(video))
+    return prepare_models(unet, vae, text, device, precision)
+
+
+def vae_dtype(precision: str) -> torch.dtype:
+    """bf16 for a bf16 job; fp32 otherwise (SD's VAE overflows in fp16)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def prepare_models(unet: UNet, vae: AutoencoderKL, text, device: torch.device, precision: str) -> Models:
+    """The job's set-up of loaded models: on the device, VAE frozen in `vae_dtype`, the paper's trainable set marked
+    in the UNet, and under bf16/fp16 its frozen weights stored in that dtype (`freeze_to_dtype_`)."""
+    vae = vae.to(device, vae_dtype(precision)).eval().requires_grad_(False)
+    unet = unet.to(device)
     mark_trainable(unet)
     if precision != "fp32":
         freeze_to_dtype_(unet, DTYPES[precision])
@@ -126,8 +139,8 @@ def make_optimizer(unet: UNet, learning_rate: float, weight_decay: float) -> tor
 @torch.no_grad()
 def encode_video(models: Models, frames: torch.Tensor):
     """frames (n, 3, H, W) in [-1, 1] -> the VAE posterior over the frames' latents, computed once (its moments are
-    reused by every tuning step, which draws a fresh sample)."""
-    return models.vae.encode(frames.to(models.device))
+    reused by every tuning step, which draws a fresh sample). Four frames at a time, as `decode`."""
+    return models.vae.encode(frames.to(models.device), chunk=4)
 
 
 def to_video(latents: torch.Tensor) -> torch.Tensor:

@@ -225,10 +225,13 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1)
         self.post_quant_conv = nn.Conv2d(lat, lat, 1)
 
-    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
-        """images (b, 3, H, W) in [-1, 1] -> posterior over (b, latent, H/8, W/8)."""
+    def encode(self, images: torch.Tensor, chunk: int | None = None) -> DiagonalGaussian:
+        """images (b, 3, H, W) in [-1, 1] -> posterior over (b, latent, H/8, W/8). `chunk` images at a time bound the
+        memory of long clips (every layer works per image, so the numbers do not change)."""
         images = images.to(self.quant_conv.weight.dtype)
-        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+        step = chunk or len(images)
+        moments = [self.quant_conv(self.encoder(images[i:i + step])) for i in range(0, len(images), step)]
+        return DiagonalGaussian(torch.cat(moments))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Unscaled latents -> images in [-1, 1] scale (not clamped)."""

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from ei2 import bench
+from ei2.bench.cli import run_section
+from ei2.bench.job import T_CPU, T_INFER, T_JOB, T_PEAK, T_PEAK_24, T_PEAK_GC, T_STEP, TARGETS, target_rows
 from ei2.unet import UNet, UNetConfig, VideoOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,10 +25,11 @@ SMOKE = ["--tiny", "--device", "cpu", "--size", "64", "--frames", "2", "--steps"
 
 ROWS = {
     1: ["image UNet (same math)", "video GroupNorm (TAV)", "EI² (FFAM r=2 + STAM)"],
-    2: ["tuning step (fp32)"],
+    2: ["tuning step (fp32)", "tuning step (gradient checkpointing)", "best ei2 vs diffusers base"],
     3: ["self", "sca", "ffam r=2", "ffam r=4", "full"],
-    4: ["vae encode", "tuning", "ddim inversion", "tuning + inversion", "guided edit", "vae decode",
-        "inference (edit + decode)", "whole job"],
+    4: ["vae encode", "first tuning step", "tuning", "ddim inversion", "tuning + inversion",
+        "guided edit + vae decode", "inference (edit + decode)", "inversion + one edit", "whole job"],
+    5: [name for name, _, _ in TARGETS],
 }
 
 
@@ -72,19 +75,19 @@ def smoke(tmp_path_factory):
 def test_smoke_tables(smoke):
     stdout, data = smoke
     tables = parse_tables(stdout)
-    assert sorted(tables) == [1, 2, 3, 4]
+    assert sorted(tables) == [1, 2, 3, 4, 5]
     for section, names in ROWS.items():
         t = tables[section]
         assert t["header"].startswith(f"## {section}. ")
         assert t["columns"][0] == "name" and t["columns"][3] == "ratio"
-        assert t["columns"][1].startswith("ei2 ")
-        assert list(t["rows"]) == names
+        assert t["columns"][1].startswith("ei2")
+        assert list(t["rows"]) == (names if data["meta"]["reference"] or section != 2 else names[:-1])
         for name, cells in t["rows"].items():
             assert len(cells) == len(t["columns"]), name
             check_ratio(cells[1], cells[2], cells[3])
     # with diffusers installed (the test extra), sections 1 and 2 carry measured reference figures and ratios
     for section in (1, 2):
-        for cells in tables[section]["rows"].values():
+        for cells in tables[section]["rows"].values():  # (section 2's last row exists only with the reference)
             assert (cells[2] != "n/a" and cells[3] != "n/a") == data["meta"]["reference"]
     # section 3: the reference is SCA; the key-length arithmetic for n = 2 frames of 8 x 8 tokens (l = 64)
     rows3 = tables[3]["rows"]
@@ -96,14 +99,32 @@ def test_smoke_tables(smoke):
     assert "quoted" in tables[4]["header"].lower() or "quoted" in " ".join(tables[4]["columns"]).lower()
     assert rows4["tuning + inversion"][2] == "750.0" and rows4["inference (edit + decode)"][2] == "30.00"
     assert all(cells[3] == "n/a" for cells in rows4.values())
-    assert "finite" in rows4["vae decode"][-1] and "NOT" not in rows4["vae decode"][-1]
+    assert "finite" in rows4["guided edit + vae decode"][-1] and "NOT" not in rows4["guided edit + vae decode"][-1]
+    assert rows4["tuning"][-1].startswith("2 steps")  # --steps 2: the first, then one more
+    # sum of the phases: inversion + edit, and the whole job (printed to 4 digits)
+    inference = float(rows4["ddim inversion"][1]) + float(rows4["guided edit + vae decode"][1])
+    assert math.isclose(float(rows4["inversion + one edit"][1]), inference, rel_tol=2e-3)
+    phases = sum(float(rows4[k][1]) for k in ("vae encode", "first tuning step", "tuning", "ddim inversion",
+                                               "guided edit + vae decode"))
+    assert math.isclose(float(rows4["whole job"][1]), phases, rel_tol=2e-3)
+    # section 5: figures taken from sections 2 and 4 are the same numbers; the tiny CPU run is not the target
+    # setting, so every pass reads n/a; 24 frames need more memory than 2 (a real measurement on this CPU)
+    rows5 = tables[5]["rows"]
+    assert rows5[T_INFER][1] == rows4["inversion + one edit"][1] and rows5[T_JOB][1] == rows4["whole job"][1]
+    if data["meta"]["reference"]:
+        assert rows5[T_STEP][1] == tables[2]["rows"]["best ei2 vs diffusers base"][3]
+    assert rows5[T_JOB][2] == "60.00" and rows5[T_PEAK_GC][2] == "8192"
+    pass_col = tables[5]["columns"].index("pass")
+    assert {cells[pass_col] for cells in rows5.values()} == {"n/a"}
+    if rows5[T_PEAK_GC][1] != "n/a" and rows5[T_PEAK_24][1] != "n/a":
+        assert float(rows5[T_PEAK_24][1]) > float(rows5[T_PEAK_GC][1])
 
 
 def test_smoke_json_matches_tables(smoke):
     stdout, data = smoke
     tables = parse_tables(stdout)
     assert data["meta"]["config"] == "tiny" and data["meta"]["frames"] == 2 and data["meta"]["size"] == 64
-    assert [s["section"] for s in data["sections"]] == [1, 2, 3, 4]
+    assert [s["section"] for s in data["sections"]] == [1, 2, 3, 4, 5]
     for sec in data["sections"]:
         t = tables[sec["section"]]
         assert sec["columns"] == t["columns"]
@@ -126,11 +147,48 @@ def test_runs_without_diffusers(tmp_path):
     stdout, data = run_bench([*SMOKE, "--sections", "1,2"], tmp_path, env=env)
     tables = parse_tables(stdout)
     assert sorted(tables) == [1, 2]
-    assert list(tables[1]["rows"]) == ROWS[1] and list(tables[2]["rows"]) == ROWS[2]
+    assert list(tables[1]["rows"]) == ROWS[1] and list(tables[2]["rows"]) == ROWS[2][:-1]
     for t in tables.values():
         for cells in t["rows"].values():
             assert cells[1] != "n/a" and cells[2] == "n/a" and cells[3] == "n/a"
     assert data["meta"]["diffusers"] is None and data["meta"]["reference"] is False
+
+
+def test_time_budget_and_section_order(tmp_path):
+    """Sections run in the order given; with the time budget spent every section says it was skipped (exit 0), and
+    the JSON is written."""
+    stdout, data = run_bench([*SMOKE, "--sections", "job,1", "--time-budget", "0"], tmp_path)
+    assert [s["section"] for s in data["sections"]] == [4, 1]
+    assert all(s["rows"][0]["note"] == "--time-budget spent" for s in data["sections"])
+
+
+def test_a_failing_section_becomes_a_table(monkeypatch):
+    """An error inside a section (here a simulated out-of-memory) is reported in its table, not raised, so the later
+    sections still run."""
+    from ei2.bench import cli
+
+    def boom(s, log):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setitem(cli.RUNNERS, 3, boom)
+    s, _ = cli.settings_from(cli.parse_args(SMOKE))
+    table = run_section(3, s, lambda msg: None, {})
+    assert table.title.endswith("FAILED")
+    assert table.rows[0].note == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def test_target_verdicts():
+    """pass = measured <= bound at the target setting; n/a off it or unmeasured; an out-of-memory run fails."""
+    measured = {T_STEP: (0.97, ""), T_JOB: (61.0, ""), T_PEAK: (11 * 1024 - 1, ""), T_PEAK_GC: (None, "out of memory"),
+                T_INFER: (None, "section 4 not run"), T_CPU: (1.02, "")}
+    verdicts = {r.name: r.extra["pass"] for r in target_rows(measured, off=[], cpu_full=False)}
+    assert verdicts[T_STEP] == "yes" and verdicts[T_JOB] == "NO" and verdicts[T_PEAK] == "yes"
+    assert verdicts[T_PEAK_GC] == "NO" and verdicts[T_INFER] == "n/a" and verdicts[T_PEAK_24] == "n/a"
+    assert verdicts[T_CPU] == "n/a"  # not a CPU run at the SD v1-4 config
+    off = {r.name: r.extra["pass"] for r in target_rows(measured, off=["size 64 (target 512)"], cpu_full=True)}
+    assert set(v for k, v in off.items() if k != T_CPU) == {"n/a"} and off[T_CPU] == "yes"
+    rows = target_rows(measured, off=[], cpu_full=False)
+    assert [r.ratio for r in rows][:2] == [0.97, 61.0 / 60.0]
 
 
 def test_help_names_the_protocol():
