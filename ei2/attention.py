@@ -9,6 +9,7 @@ other frames.
 
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -162,8 +163,10 @@ class SpectralNormLinear(nn.Linear):
         # that gradient checkpointing's recomputation sees the same u, v as the first pass.
         self.iterate_in_forward = True
         g = torch.Generator().manual_seed(in_features * 7919 + out_features)  # deterministic start, any is fine
-        self.register_buffer("u", F.normalize(torch.randn(out_features, generator=g), dim=0, eps=eps))
-        self.register_buffer("v", F.normalize(torch.randn(in_features, generator=g), dim=0, eps=eps))
+        u, v = (F.normalize(torch.randn(k, generator=g, device="cpu"), dim=0, eps=eps)
+                for k in (out_features, in_features))
+        self.register_buffer("u", u.to(self.weight.device))
+        self.register_buffer("v", v.to(self.weight.device))
         self.converge()
 
     @torch.no_grad()
@@ -180,7 +183,10 @@ class SpectralNormLinear(nn.Linear):
     def converge(self, max_iterations: int = 1000, tol: float = 1e-6) -> None:
         """Power-iterate until sigma changes by less than `tol` (relative) over 10 iterations, so W̄ is normalized from
         the first step. sigma's error shrinks like (sigma_2 / sigma_1)^(2k): about 100 iterations reach 1e-4 for the
-        1280 x 1280 maps of SD's deepest level at their random init."""
+        1280 x 1280 maps of SD's deepest level at their random init. A module built on the meta device (shapes only,
+        no values) has nothing to converge."""
+        if self.weight.is_meta:
+            return
         sigma = self.sigma()
         for _ in range(max_iterations // 10):
             self.power_iteration(10)
@@ -191,7 +197,9 @@ class SpectralNormLinear(nn.Linear):
 
     def sigma(self) -> torch.Tensor:
         """u^T W v in fp32 whatever the autocast context (a bf16 sigma would rescale W by up to 0.4 %)."""
-        with torch.autocast(self.weight.device.type, enabled=False):
+        device = self.weight.device.type
+        off = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext()
+        with off:
             return torch.dot(self.u.float(), torch.mv(self.weight.float(), self.v.float()))
 
     def normalized_weight(self) -> torch.Tensor:

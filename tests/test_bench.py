@@ -191,6 +191,40 @@ def test_target_verdicts():
     assert [r.ratio for r in rows][:2] == [0.97, 61.0 / 60.0]
 
 
+def _transformer_blocks(cfg: UNetConfig, latent: int) -> list[tuple[int, int]]:
+    """(side h = w, channels d) of every transformer block of the UNet, in forward order: layers_per_block per down
+    level with cross-attention, one in the middle, layers_per_block + 1 per such up level."""
+    ch, levels = cfg.block_out_channels, len(cfg.block_out_channels)
+    down = [(latent >> i, c) for i, c in enumerate(ch) if cfg.cross_attention[i] for _ in range(cfg.layers_per_block)]
+    up = [(latent >> i, ch[i]) for i in reversed(range(levels)) if cfg.cross_attention[i]
+          for _ in range(cfg.layers_per_block + 1)]
+    return down + [(latent >> (levels - 1), ch[-1])] + up
+
+
+@pytest.mark.skipif(not bench.diffusers_available(), reason="the reference count needs diffusers")
+def test_flop_count_matches_hand_formulas():
+    """The work per tuning step that section 2 prints, against hand-counted FLOPs (2 per multiply-add) on the tiny
+    config, n = 3 frames of 16 x 16 latents:
+    - ei2's image UNet = diffusers frame by frame, less diffusers' per-frame time-embedding MLP (ei2 runs it once per
+      video): (n - 1) * 2 (c0 * 4c0 + 4c0 * 4c0);
+    - FFAM (Eq. 10) adds (L_k - l) keys per query frame, L_k - l = (n-1) ceil(h/2)^2 at r = 2: its two products cost
+      4 n l d (L_k - l) forward and twice that backward (dP, dQ, dK, dV), except in the first block, whose K and V
+      need no gradient (8 instead of 12);
+    - STAM (Eq. 9) adds four trainable d x d maps on n l tokens, 8 n l d^2 forward, 16 n l d^2 backward (input and
+      weight gradients), and attention over the n frames at each of the l locations, 12 n^2 l d."""
+    cfg, n, lat = UNetConfig.tiny(), 3, 16
+    image = bench.tuning_flops(cfg, n, lat, bench.IMAGE)
+    c0 = cfg.block_out_channels[0]
+    assert bench.tuning_flops(cfg, n, lat, None) - image == (n - 1) * 2 * (c0 * 4 * c0 + 16 * c0 * c0)
+    blocks = _transformer_blocks(cfg, lat)
+    ffam = sum((8 if i == 0 else 12) * n * h * h * d * (n - 1) * math.ceil(h / 2) ** 2
+               for i, (h, d) in enumerate(blocks))
+    stam = sum(24 * n * h * h * d * d + 12 * n * n * h * h * d for h, d in blocks)
+    assert bench.tuning_flops(cfg, n, lat, dict(bench.IMAGE, frame_attention="ffam", ratio=2)) - image == ffam
+    assert bench.tuning_flops(cfg, n, lat, dict(bench.IMAGE, temporal="stam")) - image == stam
+    assert bench.tuning_flops(cfg, n, lat, bench.EI2) - image == ffam + stam  # resnet_norm changes no FLOPs
+
+
 def test_help_names_the_protocol():
     proc = subprocess.run([sys.executable, "-m", "ei2.bench", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)

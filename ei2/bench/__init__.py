@@ -24,9 +24,9 @@ Files: core.py (tables, timing, memory, settings, seeded models, the training le
 sections.py (1-3), job.py (4-5), cli.py (options, the GPU protocol, main).
 """
 
-from .core import (EI2, IMAGE, Lever, Row, Settings, Table, fmt, fmt_ratio, init_sd_weights_, prepare_for_tuning,
-                   tuning_step)
+from .core import (EI2, IMAGE, Lever, Row, Settings, Table, diffusers_available, fmt, fmt_ratio, init_sd_weights_,
+                   prepare_for_tuning, tuning_flops, tuning_step)
 from .sections import key_length
 
-__all__ = ["EI2", "IMAGE", "Lever", "Row", "Settings", "Table", "fmt", "fmt_ratio", "init_sd_weights_", "key_length",
-           "prepare_for_tuning", "tuning_step"]
+__all__ = ["EI2", "IMAGE", "Lever", "Row", "Settings", "Table", "diffusers_available", "fmt", "fmt_ratio",
+           "init_sd_weights_", "key_length", "prepare_for_tuning", "tuning_flops", "tuning_step"]

@@ -64,6 +64,7 @@ class Table:
     extra_columns: tuple[str, ...] = ()
     rows: list[Row] = field(default_factory=list)
     comparable: Callable[[Row], bool] = lambda row: True  # rows whose ratio is meaningful
+    notes: list[str] = field(default_factory=list)  # lines printed under the table
 
     def columns(self) -> list[str]:
         return (["name", f"ei2 {self.unit}".strip(), f"{self.ref_label} {self.unit}".strip(), "ratio",
@@ -83,14 +84,14 @@ class Table:
             cells = [r.name, fmt(r.ei2), fmt(r.ref), fmt_ratio(self.ratio(r)), *peaks,
                      *(str(r.extra.get(c, "")) for c in self.extra_columns), r.note]
             lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        return "\n".join(lines + ([""] + self.notes if self.notes else []))
 
     def to_json(self) -> dict:
         return {"section": self.section, "key": SECTIONS[self.section], "title": self.title, "unit": self.unit,
                 "ref_label": self.ref_label, "columns": self.columns(),
                 "rows": [{"name": r.name, "ei2": r.ei2, "ref": r.ref, "ratio": self.ratio(r),
                           "ei2_peak_mib": r.ei2_peak_mib, "ref_peak_mib": r.ref_peak_mib, "note": r.note, **r.extra}
-                         for r in self.rows]}
+                         for r in self.rows], "notes": self.notes}
 
 
 def fmt(v: float | None, digits: int = 4) -> str:
@@ -357,6 +358,33 @@ def tuning_step(model: Callable, optimizer: torch.optim.Optimizer, x: torch.Tens
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def tuning_flops(config: UNetConfig, frames: int, latent: int, video: dict | None = EI2) -> int:
+    """FLOPs of one tuning step's forward and backward (AdamW's are negligible) with the paper's trainable set, for
+    ei2's UNet with `video` options (default the EI² model) or, with video=None, diffusers frame by frame: counted by
+    torch's FlopCounterMode (matrix products, convolutions, attention) on the meta device, where tensors have shapes
+    and no values, so the count is exact for the shapes, takes seconds and needs no GPU. Attention is counted as its
+    two products forward and the products the needed gradients take backward; a fused GPU kernel may do a little more
+    (it recomputes the scores). Gradient checkpointing's recomputation is not counted ("model FLOPs")."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ei2 = video is not None
+    with torch.device("meta"):
+        model = UNet(config, VideoOptions(**video)) if ei2 else _reference().unet(config)
+        x = torch.randn(1, 4, frames, latent, latent) if ei2 else torch.randn(frames, 4, latent, latent)
+        ctx = torch.randn(1 if ei2 else frames, 77, config.cross_attention_dim)
+        t = torch.tensor(500)
+    if ei2:
+        mark_trainable(model)
+    else:
+        mark_trainable_reference(model)
+    model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(x, t, ctx)
+        (out if ei2 else out.sample).float().square().mean().backward()
+    return counter.get_total_flops()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import torch
 
 from ..attention import FrameAttention
 from ..unet import UNet, VideoOptions
-from .core import (DTYPES, EI2, IMAGE, LR, Case, Row, Settings, Table, _reference, compile_model, channels_last_,
-                   ei2_unet, free, init_sd_weights_, inputs, levers, prepare_for_tuning, reference_unet, run_cases,
-                   share_weights_, tuning_step)
+from .core import (DTYPES, EI2, IMAGE, LR, Case, Row, Settings, Table, _reference, channels_last_, compile_model,
+                   ei2_unet, fmt, free, init_sd_weights_, inputs, levers, prepare_for_tuning, reference_unet,
+                   run_cases, share_weights_, tuning_flops, tuning_step)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. UNet forward
@@ -79,7 +79,11 @@ def section_train(s: Settings, log) -> Table:
     cfg, dev, n = s.unet_config, s.device, s.frames
     table = Table(2, f"One tuning step (forward + backward + AdamW lr {LR:g}): ei2 EI² video model (FFAM r=2 + STAM) "
                      f"vs diffusers frame by frame, trainable attn1.to_q + attn2.to_q (+ STAM for ei2) "
-                     f"({s.describe()}, median of {s.repeats})", "ms", "diffusers")
+                     f"({s.describe()}, median of {s.repeats})", "ms", "diffusers",
+                  extra_columns=("ei2 TFLOP/s", "ref TFLOP/s"))
+    flops = {True: tuning_flops(cfg, n, s.latent, EI2)}
+    if s.reference:
+        flops[False] = tuning_flops(cfg, n, s.latent, video=None)
     x, ctx, t = inputs(s, cfg.cross_attention_dim)
     target = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dev)
     x_frames, target_frames = (v[0].transpose(0, 1).contiguous() for v in (x, target))
@@ -131,10 +135,18 @@ def section_train(s: Settings, log) -> Table:
         if ref_info is not None:
             note += f" vs {ref_info['count'] / 1e6:.3g} M; loss {ours_info['loss'].item():.4g} vs " \
                     f"{ref_info['loss'].item():.4g}"
+        rate = {"ei2 TFLOP/s": fmt(flops[True] / ours[0] / 1e12),
+                "ref TFLOP/s": fmt(flops[False] / ref[0] / 1e12) if ref else "n/a"}
         rows.append(Row(lever.name, ours[0] * 1e3, ref[0] * 1e3 if ref else None, ours[1], ref[1] if ref else None,
-                        note))
+                        note, extra=rate))
     templates.clear()
     table.rows = rows
+    work = f"ei2 {flops[True] / 1e12:.4g} TFLOP"
+    if s.reference:
+        work += (f", diffusers {flops[False] / 1e12:.4g} TFLOP, ratio {flops[True] / flops[False]:.3f}: ei2's step "
+                 f"matches diffusers' time only at {flops[True] / flops[False]:.3f}x its throughput")
+    table.notes.append("Work per step (forward + backward, counted by FlopCounterMode on the meta device, "
+                       f"recomputation not counted; TFLOP/s = this work / the row's time): {work}.")
     measured = [r for r in rows if r.ei2 is not None]
     if len(measured) > 1 and rows[0].ref is not None:
         best = min(measured, key=lambda r: r.ei2)
