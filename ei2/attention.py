@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norms import LayerNorm
+
 FRAME_ATTENTIONS = ("self", "sca", "ffam", "full")
 TEMPORAL_NORMS = ("layernorm", "layernorm_noaffine", "none", "instancenorm", "ic")
 
@@ -136,9 +138,9 @@ class InstanceNorm(nn.Module):
 def temporal_norm(kind: str, dim: int) -> nn.Module:
     """The normalization in front of the temporal attention: Tune-A-Video's LayerNorm (and the Fig. 4 variants)."""
     if kind == "layernorm":
-        return nn.LayerNorm(dim)
+        return LayerNorm(dim)
     if kind == "layernorm_noaffine":
-        return nn.LayerNorm(dim, elementwise_affine=False)
+        return LayerNorm(dim, elementwise_affine=False)
     if kind == "instancenorm":
         return InstanceNorm()
     if kind == "ic":

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import (FRAME_ATTENTIONS, TEMPORAL_NORMS, Attention, FrameAttention, SpectralNormLinear,
                         temporal_module)
 from .errors import Ei2Error
+from .norms import GroupNorm, LayerNorm, group_norm
 
 
 @dataclass
@@ -129,7 +130,7 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class VideoGroupNorm(nn.GroupNorm):
+class VideoGroupNorm(GroupNorm):
     """GroupNorm whose statistics span all n frames of a video (Tune-A-Video's inflated ResNets) when `video`."""
 
     def __init__(self, groups: int, channels: int, eps: float, video: bool = True):
@@ -142,7 +143,7 @@ class VideoGroupNorm(nn.GroupNorm):
         bn, c, h, w = x.shape
         # (b*n, c, h, w) -> (b, c, n*h*w): group statistics over frames and pixels together
         y = x.view(bn // n, n, c, h * w).transpose(1, 2).reshape(bn // n, c, n * h * w)
-        y = F.group_norm(y, self.num_groups, self.weight, self.bias, self.eps)
+        y = group_norm(y, self.num_groups, self.weight, self.bias, self.eps)
         return y.view(bn // n, c, n, h * w).transpose(1, 2).reshape(bn, c, h, w)
 
 
@@ -191,11 +192,11 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, context_dim: int, eps: float, video: VideoOptions):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = FrameAttention(dim, heads, mode=video.frame_attention, ratio=video.ratio)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
         if video.temporal == "none":
             self.norm_temp = self.attn_temp = None
@@ -209,10 +210,12 @@ class BasicTransformerBlock(nn.Module):
         x = x + self.ff(self.norm3(x))
         if self.attn_temp is not None:  # with one frame IC(z) = 0, so STAM is then the identity (b starts at 0)
             bn, l, d = x.shape
-            # (b*n, l, d) -> (b*l, n, d): the n frames at each spatial location form one sequence
-            z = x.view(bn // n, n, l, d).transpose(1, 2).reshape(-1, n, d)
+            # (b*n, l, d) -> (b*l, n, d): the n frames at each spatial location form one sequence. contiguous(): with
+            # b = 1 the reshape is a strided view, and each of W_q, W_k, W_v would then copy (and keep for the
+            # backward pass) its own contiguous input; one copy here serves all three, and the block after it
+            z = x.view(bn // n, n, l, d).transpose(1, 2).reshape(-1, n, d).contiguous()
             z = z + self.attn_temp(self.norm_temp(z))
-            x = z.view(bn // n, l, n, d).transpose(1, 2).reshape(bn, l, d)
+            x = z.view(bn // n, l, n, d).transpose(1, 2).reshape(bn, l, d).contiguous()
         return x
 
 
@@ -221,7 +224,7 @@ class Transformer2D(nn.Module):
 
     def __init__(self, dim: int, heads: int, context_dim: int, groups: int, eps: float, video: VideoOptions):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, dim, eps=eps)
+        self.norm = GroupNorm(groups, dim, eps=eps)
         self.proj_in = nn.Conv2d(dim, dim, 1)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, context_dim, eps, video)])
         self.proj_out = nn.Conv2d(dim, dim, 1)
@@ -317,7 +320,7 @@ class UNet(nn.Module):
                 [transformer(out) for _ in range(layers)] if c.cross_attention[::-1][i] else None,
                 None if last else "upsamplers", None if last else Upsample(out)))
 
-        self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=c.norm_eps)
+        self.conv_norm_out = GroupNorm(groups, ch[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
         self.spectral_norms = [m for m in self.modules() if isinstance(m, SpectralNormLinear)]
         for m in self.spectral_norms:
