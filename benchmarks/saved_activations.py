@@ -34,11 +34,13 @@ from ei2.bench.core import EI2, IMAGE, _reference, mark_trainable_reference  # n
 from ei2.pipeline import freeze_to_dtype_  # noqa: E402
 from ei2.unet import UNet, UNetConfig, VideoOptions, mark_trainable  # noqa: E402
 
-MODELS = {"diffusers": None, "ei2 image UNet": IMAGE, "EI² (FFAM r=2 + STAM)": EI2}
+MODELS = {"diffusers": (None, False), "ei2 image UNet": (IMAGE, False), "EI² (FFAM r=2 + STAM)": (EI2, False),
+          "EI² + recompute_activations": (EI2, True)}
 
 
-def saved_bytes(video: dict | None, frames: int, latent: int) -> dict[str, int]:
-    """{module name: bytes saved for backward} for one tuning-step forward; video=None is diffusers."""
+def saved_bytes(video: dict | None, recompute: bool, frames: int, latent: int) -> dict[str, int]:
+    """{module name: bytes saved for backward} for one tuning-step forward; video=None is diffusers; `recompute` sets
+    the UNet's recompute_activations."""
     torch.manual_seed(0)
     cfg = UNetConfig()
     if video is None:
@@ -47,6 +49,7 @@ def saved_bytes(video: dict | None, frames: int, latent: int) -> dict[str, int]:
     else:
         model = UNet(cfg, VideoOptions(**video))
         mark_trainable(model)
+        model.recompute_activations = recompute
     freeze_to_dtype_(model, torch.bfloat16)
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(saved_bytes(MODELS[args.one], args.frames, args.latent)))
+        print(json.dumps(saved_bytes(*MODELS[args.one], args.frames, args.latent)))
         return 0
     results = {}
     for name in MODELS:  # one process per model: each starts from an empty heap (a full-size run needs ~12 GB)

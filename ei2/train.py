@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 VIDEO_KEYS = ("frame_attention", "ratio", "temporal", "temporal_norm", "spectral_norm", "resnet_norm")
 # settings that may change between an interrupted run and its --resume without changing what was computed so far
-RESUMABLE = {"steps", "checkpoint_every", "compile", "edit_prompts", "guidance", "inference_steps", "fps", "device",
-             "output_dir"}
+RESUMABLE = {"steps", "checkpoint_every", "compile", "recompute_activations", "gradient_checkpointing", "edit_prompts",
+             "guidance", "inference_steps", "fps", "device", "output_dir"}
 
 
 def video_options(cfg) -> VideoOptions:
@@ -112,6 +112,7 @@ def run(cfg, resume: bool = False, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     models = load_models(cfg.model, video_options(cfg), device, precision)
     models.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    models.unet.recompute_activations = cfg.recompute_activations
     if cfg.compile:
         models.unet.compile()  # in place: parameter names, checkpoints and hooks stay those of the plain module
     log["timings"]["load_s"] = time.perf_counter() - t0

@@ -147,11 +147,20 @@ class VideoGroupNorm(GroupNorm):
         return y.view(bn // n, c, n, h * w).transpose(1, 2).reshape(bn, c, h, w)
 
 
+def recomputed(fn, *args):
+    """fn(*args), keeping only args for the backward pass, which runs fn again: for the cheap elementwise tails of a
+    block (GroupNorm + SiLU, GEGLU's gate) whose outputs would otherwise be kept, in full, for every layer."""
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class ResnetBlock(nn.Module):
     """SD's ResNet block with the time embedding added between the two 3x3 convolutions (pseudo-3D: per frame)."""
 
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int, eps: float, video_norm: bool = True):
         super().__init__()
+        self.recompute = False  # UNet.recompute_activations
         self.norm1 = VideoGroupNorm(groups, in_ch, eps, video_norm)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_dim, out_ch)
@@ -160,20 +169,34 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, temb, n: int = 1):
-        h = self.conv1(F.silu(self.norm1(x, n)))
+        h = self.conv1(self._norm_act(self.norm1, x, n))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h, n)))
+        h = self.conv2(self._norm_act(self.norm2, h, n))
         return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+    def _norm_act(self, norm, x, n):
+        """SiLU(GroupNorm(x)). With `recompute` its output, which SiLU's backward would keep, is rebuilt from x."""
+        if self.recompute and self.training:
+            return recomputed(lambda x: F.silu(norm(x, n)), x)
+        return F.silu(norm(x, n))
 
 
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
+        self.recompute = False  # UNet.recompute_activations
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        h = self.proj(x)  # (..., 2 inner): value and gate
+        if self.recompute and self.training:  # keep h only; gelu(gate) (another inner per token) is recomputed
+            return recomputed(_geglu, h)
+        return _geglu(h)
+
+
+def _geglu(h):
+    x, gate = h.chunk(2, dim=-1)
+    return x * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
@@ -325,6 +348,20 @@ class UNet(nn.Module):
         self.spectral_norms = [m for m in self.modules() if isinstance(m, SpectralNormLinear)]
         for m in self.spectral_norms:
             m.iterate_in_forward = False
+
+    @property
+    def recompute_activations(self) -> bool:
+        """Selective recomputation: the ResNets' GroupNorm + SiLU and the feed-forwards' GEGLU gate are rebuilt in the
+        backward pass instead of kept (elementwise work; about 1.2 GiB of 7.8 kept at 8 frames of 512², see
+        benchmarks/saved_activations.py). Gradient checkpointing (`gradient_checkpointing`) recomputes whole
+        blocks instead."""
+        return any(m.recompute for m in self.modules() if isinstance(m, (ResnetBlock, GEGLU)))
+
+    @recompute_activations.setter
+    def recompute_activations(self, on: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, (ResnetBlock, GEGLU)):
+                m.recompute = bool(on)
 
     def _run(self, module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -12,18 +12,19 @@ import torch
 from ei2.unet import UNet, UNetConfig, VideoOptions, mark_trainable
 
 
-@pytest.mark.parametrize("video, training", [
-    (dict(frame_attention="ffam", ratio=2, temporal="stam"), True),  # EI², tuning
-    (dict(frame_attention="ffam", ratio=2, temporal="stam"), False),  # EI², inversion and editing
-    (dict(frame_attention="sca", temporal="ta"), True),  # Tune-A-Video
-    (dict(frame_attention="full", temporal="stam", temporal_norm="instancenorm", spectral_norm=False), True),
-], ids=["ei2-train", "ei2-eval", "tav-train", "full-instancenorm-train"])
-def test_forward_is_one_graph(video, training):
+@pytest.mark.parametrize("video, training, recompute", [
+    (dict(frame_attention="ffam", ratio=2, temporal="stam"), True, True),  # EI², tuning (the job's default mode)
+    (dict(frame_attention="ffam", ratio=2, temporal="stam"), False, False),  # EI², inversion and editing
+    (dict(frame_attention="sca", temporal="ta"), True, False),  # Tune-A-Video
+    (dict(frame_attention="full", temporal="stam", temporal_norm="instancenorm", spectral_norm=False), True, False),
+], ids=["ei2-train-recompute", "ei2-eval", "tav-train", "full-instancenorm-train"])
+def test_forward_is_one_graph(video, training, recompute):
     torch._dynamo.reset()
     cfg = UNetConfig.tiny()
     model = UNet(cfg, VideoOptions(**video))
     mark_trainable(model)
     model.train(training)
+    model.recompute_activations = recompute
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 3, 16, 16, generator=g)  # 3 frames: FFAM's "other frames" index is not trivial
     ctx = torch.randn(1, 77, cfg.cross_attention_dim, generator=g)
@@ -35,7 +36,7 @@ def test_forward_is_one_graph(video, training):
 
 def test_compiled_tuning_matches_eager():
     """Three EI² tuning steps through torch.compile equal the eager steps bit for bit: losses, tuned weights and the
-    spectral norms' u, v buffers (updated in place inside the compiled forward). Backend aot_eager: TorchDynamo and
+    spectral norms' u, v buffers (updated in place inside the compiled forward), with recompute_activations on. Backend aot_eager: TorchDynamo and
     AOTAutograd trace the model and its backward as torch.compile does on CUDA; only inductor's kernel generation
     (minutes on a CPU) is left out."""
     from ei2.bench.core import EI2, ei2_unet, tuning_step
@@ -53,6 +54,7 @@ def test_compiled_tuning_matches_eager():
         model.load_state_dict(base.state_dict())  # the same fresh temporal modules too
         mark_trainable(model)
         model.train()
+        model.recompute_activations = True  # the job's default: checkpointed elementwise tails inside the graph
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         if compiled:
             model.compile(backend="aot_eager")

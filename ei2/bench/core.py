@@ -473,19 +473,22 @@ class Lever:
     amp: torch.dtype | None = None  # autocast dtype
     frozen_low: bool = False  # freeze_to_dtype_
     checkpointing: bool = False
+    recompute: bool = False  # ei2's recompute_activations (diffusers has no counterpart: reference n/a)
     channels_last: bool = False
     compile: bool = False
 
 
 def levers(s: Settings) -> list[Lever]:
-    """Base precision; frozen low-precision weights (the training job's default mode); + gradient checkpointing (its
-    memory-saving mode, always measured: a target of its own); + channels_last and + torch.compile when asked."""
+    """Base precision; frozen low-precision weights; + recompute activations (with frozen weights: the training job's
+    default mode); + gradient checkpointing (its memory-saving mode, a target of its own); + channels_last and
+    + torch.compile when asked."""
     low, name = s.low, s.dtype
     rows = [Lever(f"tuning step ({'fp32' if low is None else name + ' autocast'})", amp=low)]
     if low is not None:
         rows.append(Lever(f"tuning step (frozen {name}, fp32 trainable)", amp=low, frozen_low=True))
     prefix = f"frozen {name} + " if low is not None else ""
     frozen = low is not None
+    rows.append(Lever(f"tuning step ({prefix}recompute activations)", amp=low, frozen_low=frozen, recompute=True))
     rows.append(Lever(f"tuning step ({prefix}gradient checkpointing)", amp=low, frozen_low=frozen, checkpointing=True))
     if s.channels_last:
         rows.append(Lever(f"tuning step ({prefix}channels_last)", amp=low, frozen_low=frozen, channels_last=True))
@@ -503,6 +506,8 @@ def prepare_for_tuning(model: nn.Module, lever: Lever, device: torch.device, ei2
         freeze_to_dtype_(model, lever.amp)
     if lever.channels_last:
         channels_last_(model)
+    if lever.recompute and ei2:
+        model.recompute_activations = True
     if lever.checkpointing:
         if ei2:
             model.gradient_checkpointing = True

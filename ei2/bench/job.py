@@ -9,12 +9,14 @@ import zlib
 
 import torch
 
+from ..config import TrainConfig
 from ..pipeline import Models, encode_video, invert, make_optimizer, prepare_models, render, tune_steps
 from ..vae import AutoencoderKL
 from .core import (EI2, LR, PAPER, WEIGHT_DECAY, PeakMemory, Row, Settings, Table, channels_last_, ei2_unet, free,
                    init_sd_weights_, sync)
 
 GIB = 1024  # MiB
+JOB_DEFAULTS = TrainConfig()  # the training job's default mode
 
 # The issue's targets (random SD v1-4 weights, 8 frames at 512², one H100 or H200): (row, bound, unit).
 TARGET_SETTING = dict(device="cuda", size=512, frames=8, steps=500, inference_steps=50, dtype="bf16")
@@ -43,12 +45,14 @@ class RandomText:
 
 
 def random_models(s: Settings, gradient_checkpointing: bool = False, compile: bool = False) -> Models:
-    """The job's models set up as `ei2.pipeline.load_models` does (`prepare_models`), with seeded random weights."""
+    """The job's models set up as `ei2.pipeline.load_models` and `ei2.train` do (`prepare_models`, the config's
+    default recompute_activations), with seeded random weights."""
     cfg = s.unet_config
     unet = ei2_unet(cfg, s.seed, **EI2)
     vae = init_sd_weights_(AutoencoderKL(s.vae_config), s.seed, skip=lambda k: False)
     models = prepare_models(unet, vae, RandomText(cfg.cross_attention_dim, s.device), s.device, s.dtype)
     models.unet.gradient_checkpointing = gradient_checkpointing
+    models.unet.recompute_activations = JOB_DEFAULTS.recompute_activations
     if s.channels_last:
         channels_last_(models.unet)
     if compile:
@@ -93,6 +97,7 @@ def section_job(s: Settings, log) -> Table:
     at_paper = (n, s.size, s.steps, s.inference_steps) == (PAPER["frames"], PAPER["size"], PAPER["steps"],
                                                            PAPER["inference_steps"])
     mode = [f"frozen {s.dtype} + fp32 trainable" if s.low else "fp32"]
+    mode += ["recompute activations"] if JOB_DEFAULTS.recompute_activations else []
     mode += [name for flag, name in ((s.gradient_checkpointing, "gradient checkpointing"),
                                      (s.channels_last, "channels_last"), (s.compile, "torch.compile")) if flag]
     table = Table(4, f"The whole job with random weights, run by ei2.pipeline's functions ({s.describe()}; "

@@ -126,7 +126,7 @@ def section_train(s: Settings, log) -> Table:
             rows.append(Row(lever.name, None, None, note="skipped: --time-budget spent"))
             continue
         cases = [case(f"ei2 {lever.name}", lever, True)]
-        if s.reference:
+        if s.reference and not lever.recompute:
             cases.insert(0, case(f"diffusers {lever.name}", lever, False))
         results = run_cases(cases, s, log)
         ours, ours_info = results[f"ei2 {lever.name}"], info.pop(f"ei2 {lever.name}")
