@@ -235,10 +235,10 @@ class BasicTransformerBlock(nn.Module):
             bn, l, d = x.shape
             # (b*n, l, d) -> (b*l, n, d): the n frames at each spatial location form one sequence. contiguous(): with
             # b = 1 the reshape is a strided view, and each of W_q, W_k, W_v would then copy (and keep for the
-            # backward pass) its own contiguous input; one copy here serves all three, and the block after it
+            # backward pass) its own contiguous input; one copy here serves all three
             z = x.view(bn // n, n, l, d).transpose(1, 2).reshape(-1, n, d).contiguous()
             z = z + self.attn_temp(self.norm_temp(z))
-            x = z.view(bn // n, l, n, d).transpose(1, 2).reshape(bn, l, d).contiguous()
+            x = z.view(bn // n, l, n, d).transpose(1, 2).reshape(bn, l, d)  # a copy back to frame-major order
         return x
 
 
@@ -352,7 +352,7 @@ class UNet(nn.Module):
     @property
     def recompute_activations(self) -> bool:
         """Selective recomputation: the ResNets' GroupNorm + SiLU and the feed-forwards' GEGLU gate are rebuilt in the
-        backward pass instead of kept (elementwise work; about 1.2 GiB of 7.8 kept at 8 frames of 512², see
+        backward pass instead of kept (elementwise work; 1.3 GiB of the 7.8 kept at 8 frames of 512², see
         benchmarks/saved_activations.py). Gradient checkpointing (`gradient_checkpointing`) recomputes whole
         blocks instead."""
         return any(m.recompute for m in self.modules() if isinstance(m, (ResnetBlock, GEGLU)))
