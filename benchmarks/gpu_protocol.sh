@@ -10,6 +10,10 @@
 #
 #     run(command="bash benchmarks/gpu_protocol.sh run", carry=[".whl"], timeout_s=420)
 #
+# and, if device time is left (compiling both UNets takes minutes), torch.compile's rows and a compiled job:
+#
+#     run(command="bash benchmarks/gpu_protocol.sh run compile", carry=[".whl"], timeout_s=560)
+#
 # `run` installs the wheels under /tmp/site, uses the repository in place (PYTHONPATH; the device's torch is not the
 # pinned CPU build), prints the machine, runs a 20-second CUDA smoke of every section on the tiny config (a version
 # problem shows there, cheaply), then the protocol. Its JSON and log land in $OUT; the JSON is rewritten after every
@@ -37,10 +41,15 @@ run)
     python3 -m ei2.bench --tiny --device cuda --size 64 --frames 2 --steps 2 --inference-steps 2 --repeats 1 \
         --json "$out/bench-smoke.json" > "$out/bench-smoke.log" 2>&1 || { tail -30 "$out/bench-smoke.log"; exit 1; }
     echo "smoke ok"
-    python3 -m ei2.bench --protocol gpu --json "$out/bench-gpu.json" 2>&1 | tee "$out/bench-gpu.log"
+    if [ "${2:-}" = "compile" ]; then  # the second call, time permitting: torch.compile's rows and compiled job
+        python3 -m ei2.bench --protocol gpu --sections train,job,targets --compile --time-budget 400 \
+            --json "$out/bench-gpu-compile.json" 2>&1 | tee "$out/bench-gpu-compile.log"
+    else
+        python3 -m ei2.bench --protocol gpu --json "$out/bench-gpu.json" 2>&1 | tee "$out/bench-gpu.log"
+    fi
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_protocol.sh prepare|run" >&2
+    echo "usage: bash benchmarks/gpu_protocol.sh prepare | run [compile]" >&2
     exit 2
     ;;
 esac
