@@ -200,9 +200,10 @@ def tuning_peak(tuner: Tuner, s: Settings, checkpointing: bool, steps: int = 2) 
     return mem.mib, sec
 
 
-def find_row(tables: dict[int, Table], section: int, prefix: str) -> Row | None:
+def find_row(tables: dict[int, Table], section: int, name: str) -> Row | None:
+    """The row called `name` (or `name (projected)`) of a section's table, None if the section did not run."""
     table = tables.get(section)
-    return next((r for r in table.rows if r.name.startswith(prefix)), None) if table else None
+    return next((r for r in table.rows if r.name in (name, name + " (projected)")), None) if table else None
 
 
 def section_targets(s: Settings, log, tables: dict[int, Table]) -> Table:
@@ -231,7 +232,7 @@ def section_targets(s: Settings, log, tables: dict[int, Table]) -> Table:
     infer = find_row(tables, 4, T_INFER)
     measured[T_INFER] = (infer.ei2, "section 4") if infer else (None, "section 4 not run")
     measured[T_INFER_PEAK] = (infer.ei2_peak_mib, "section 4") if infer else (None, "section 4 not run")
-    fwd = find_row(tables, 1, "image UNet")
+    fwd = find_row(tables, 1, "image UNet (same math)")
     measured[T_CPU] = ((fwd.ratio, "section 1") if fwd and s.device.type == "cpu" and not s.tiny
                        else (None, "a CPU run of section 1 at the SD v1-4 config"))
 
