@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         out = run(cfg, resume=args.resume, progress=not args.no_progress)
     except torch.OutOfMemoryError:
         raise Ei2Error(f"out of GPU memory with {cfg.n_frames} frames at {cfg.size}px; set gradient_checkpointing: "
-                       "true, use fewer n_frames or a smaller size") from None
+                       "true (--resume then continues from the last checkpoint), use fewer n_frames or a smaller size"
+                       ) from None
     print(summary(out, cfg))
 
 
