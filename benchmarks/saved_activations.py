@@ -38,11 +38,11 @@ MODELS = {"diffusers": (None, False), "ei2 image UNet": (IMAGE, False), "EI² (F
           "EI² + recompute_activations": (EI2, True)}
 
 
-def saved_bytes(video: dict | None, recompute: bool, frames: int, latent: int) -> dict[str, int]:
+def saved_bytes(video: dict | None, recompute: bool, frames: int, latent: int, tiny: bool = False) -> dict[str, int]:
     """{module name: bytes saved for backward} for one tuning-step forward; video=None is diffusers; `recompute` sets
-    the UNet's recompute_activations."""
+    the UNet's recompute_activations; `tiny`: UNetConfig.tiny() instead of SD v1-4."""
     torch.manual_seed(0)
-    cfg = UNetConfig()
+    cfg = UNetConfig.tiny() if tiny else UNetConfig()
     if video is None:
         model = _reference().unet(cfg)
         mark_trainable_reference(model)
@@ -94,17 +94,19 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--latent", type=int, default=32, help="latent side (pixels / 8); 64 is 512², the target")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tiny", action="store_true", help="UNetConfig.tiny() (a smoke run, seconds)")
     p.add_argument("--one", choices=list(MODELS), help=argparse.SUPPRESS)  # a child process: one model, JSON out
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(saved_bytes(*MODELS[args.one], args.frames, args.latent)))
+        print(json.dumps(saved_bytes(*MODELS[args.one], args.frames, args.latent, args.tiny)))
         return 0
     results = {}
     for name in MODELS:  # one process per model: each starts from an empty heap (a full-size run needs ~12 GB)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--frames", str(args.frames), "--latent",
-                               str(args.latent), "--threads", str(args.threads)], capture_output=True, text=True)
+                               str(args.latent), "--threads", str(args.threads), *(["--tiny"] if args.tiny else [])],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -113,7 +115,8 @@ def main(argv=None) -> int:
     names = list(results)
     kinds = sorted({k for r in results.values() for k in r}, key=lambda k: -max(r.get(k, 0) for r in results.values()))
     print(f"Saved for backward, MiB: one tuning step, {args.frames} frames at {args.latent * 8}² (latent "
-          f"{args.latent}x{args.latent}), SD v1-4 config, frozen bf16 + bf16 autocast, counted on the CPU\n")
+          f"{args.latent}x{args.latent}), {'tiny' if args.tiny else 'SD v1-4'} config, frozen bf16 + bf16 autocast, "
+          "counted on the CPU\n")
     print("| module | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for kind in kinds:

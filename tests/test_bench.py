@@ -229,6 +229,20 @@ def test_flop_count_matches_hand_formulas():
     assert bench.tuning_flops(cfg, n, lat, bench.EI2) - image == ffam + stam  # resnet_norm changes no FLOPs
 
 
+@pytest.mark.skipif(not bench.diffusers_available(), reason="the reference needs diffusers")
+def test_saved_activation_count(one_thread):
+    """benchmarks/saved_activations.py on the tiny config, 3 frames of 16 x 16 latents: ei2's image UNet keeps exactly
+    the bytes diffusers keeps (same math, same kernels: a check of the counting itself), the EI² modules keep more,
+    and recompute_activations keeps less than without it, and no less than the image UNet."""
+    from benchmarks.saved_activations import saved_bytes
+
+    total = {name: sum(saved_bytes(video, recompute, 3, 16, tiny=True).values())
+             for name, video, recompute in [("diffusers", None, False), ("image", bench.IMAGE, False),
+                                            ("ei2", bench.EI2, False), ("ei2 recompute", bench.EI2, True)]}
+    assert total["image"] == total["diffusers"]
+    assert total["image"] < total["ei2 recompute"] < total["ei2"]
+
+
 def test_help_names_the_protocol():
     proc = subprocess.run([sys.executable, "-m", "ei2.bench", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
