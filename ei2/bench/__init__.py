@@ -20,7 +20,7 @@ Random weights everywhere: speed does not depend on the values, and each paramet
 ei2 and diffusers get identical weights without a checkpoint on disk.
 
 Files: core.py (tables, timing, memory, settings, seeded models, the training levers `channels_last_`,
-`make_optimizer`, `compile_model`, `tuning_step`; `ei2.pipeline.freeze_to_dtype_` is shared with the training job),
+`compile_model`, `tuning_step`; `ei2.pipeline.freeze_to_dtype_` and `make_optimizer` are the training job's),
 sections.py (1-3), job.py (4-5), cli.py (options, the GPU protocol, main).
 """
 

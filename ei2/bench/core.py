@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..pipeline import freeze_to_dtype_
+from ..pipeline import freeze_to_dtype_, make_optimizer
 from ..unet import UNet, UNetConfig, VideoOptions, is_temporal_key, mark_trainable
 from ..vae import VAEConfig
 
@@ -337,12 +337,6 @@ def channels_last_(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, lr 3e-5 (paper), weight decay 1e-2 (Tune-A-Video); fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
-
-
 def compile_model(model: nn.Module) -> nn.Module:
     return torch.compile(model)
 
@@ -513,6 +507,6 @@ def prepare_for_tuning(model: nn.Module, lever: Lever, device: torch.device, ei2
             model.gradient_checkpointing = True
         else:
             model.enable_gradient_checkpointing()
-    opt = make_optimizer(model, device)
+    opt = make_optimizer(model, LR, WEIGHT_DECAY)  # the training job's: fused on CUDA, both sides alike
     fn = compile_model(model) if lever.compile else model
     return fn, opt, count
