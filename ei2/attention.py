@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norms import LayerNorm
+from .norms import LOW, LayerNorm
 
 FRAME_ATTENTIONS = ("self", "sca", "ffam", "full")
 TEMPORAL_NORMS = ("layernorm", "layernorm_noaffine", "none", "instancenorm", "ic")
@@ -112,7 +112,15 @@ class FrameAttention(Attention):
 
 
 def instance_centering(z: torch.Tensor) -> torch.Tensor:
-    """Eq. 6, IC(z) = z - (1/n) sum_i z^i, for z (..., n, d): centers over the n axis, no rescaling."""
+    """Eq. 6, IC(z) = z - (1/n) sum_i z^i, for z (..., n, d): centers over the n axis, no rescaling.
+
+    A bf16 / fp16 z (the residual stream under autocast) is centered in fp32 and the result rounded once to z's dtype.
+    In the low dtype the mean would be rounded at the scale of the stream's magnitude, which is large next to the
+    frames' deviations from it; that rounding error is the same for every frame, so IC would leave a temporal mean
+    behind (mu_rv(IC(z)) != 0, what Eq. 6 removes). docs/precision.md measures it."""
+    if z.dtype in LOW:
+        z32 = z.float()
+        return (z32 - z32.mean(dim=-2, keepdim=True)).to(z.dtype)
     return z - z.mean(dim=-2, keepdim=True)
 
 
@@ -131,8 +139,9 @@ class InstanceNorm(nn.Module):
         self.eps = eps
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(z, dim=-2, keepdim=True, correction=0)
-        return (z - mean) * torch.rsqrt(var + self.eps)
+        z32 = z.float()  # fp32 centering for a bf16 / fp16 z, as `instance_centering`; the output in z's dtype
+        var, mean = torch.var_mean(z32, dim=-2, keepdim=True, correction=0)
+        return ((z32 - mean) * torch.rsqrt(var + self.eps)).to(z.dtype)
 
 
 def temporal_norm(kind: str, dim: int) -> nn.Module:

@@ -52,7 +52,9 @@ class TrainConfig:
     temporal: str = _key("stam", "temporal module: stam (EI²), ta (Tune-A-Video) or none")
     temporal_norm: str | None = _key(None, "temporal module's norm override (ablation): " + "/".join(TEMPORAL_NORMS))
     spectral_norm: bool | None = _key(None, "override the temporal module's spectral norm (ablation): true or false")
-    resnet_norm: str = _key("video", "ResNet GroupNorm statistics over all frames (video) or per frame (frame)")
+    resnet_norm: str = _key("video", "ResNet and output GroupNorm statistics over all frames (video) or per frame")
+    temporal_norm_trainable: bool = _key(False, "also tune the temporal LayerNorm's affine (Fig. 4 'LayerNorm'); "
+                                                "Tune-A-Video: false")
     precision: str = _key("auto", "auto (bf16 on CUDA if supported, else fp16; fp32 on CPU), fp32, bf16 or fp16")
     recompute_activations: bool = _key(True, "rebuild norm+SiLU, GEGLU outputs in backward (1.3 GiB less at 8x512²)")
     gradient_checkpointing: bool = _key(False, "recompute whole blocks in the backward pass: least memory, slower")

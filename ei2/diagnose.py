@@ -39,18 +39,22 @@ from .errors import Ei2Error, cli_main
 from .stats import RunningStats, location_stats
 
 # Temporal variants a --compare list may name: Tune-A-Video's TA, EI²'s STAM, and the Fig. 4 ablations of TA's norm.
+# Fig. 4's "LayerNorm" row is `ln` (its affine tuned with the module), "LayerNorm*" is `ln_noaffine`; Tune-A-Video's
+# own TA (`ta`) keeps the affine frozen at its identity init, so it computes what `ln_noaffine` computes.
 VARIANTS = {
     "ta": dict(temporal="ta"),
     "stam": dict(temporal="stam"),
+    "ln": dict(temporal="ta", temporal_norm_trainable=True),
     "ln_noaffine": dict(temporal="ta", temporal_norm="layernorm_noaffine"),
     "no_norm": dict(temporal="ta", temporal_norm="none"),
     "instancenorm": dict(temporal="ta", temporal_norm="instancenorm"),
     "ic": dict(temporal="ta", temporal_norm="ic"),
 }
 DESCRIPTIONS = {
-    "ta": "Tune-A-Video TA: LayerNorm, plain W_v, W_L (W_L = 0 at creation)",
+    "ta": "Tune-A-Video TA: LayerNorm (affine frozen), plain W_v, W_L (W_L = 0 at creation)",
     "stam": "EI² STAM: Instance Centering, spectral norm, b = 0 at creation",
-    "ln_noaffine": "TA with LayerNorm without affine (Fig. 4)",
+    "ln": "TA with LayerNorm's affine tuned (Fig. 4 LayerNorm)",
+    "ln_noaffine": "TA with LayerNorm without affine (Fig. 4 LayerNorm*)",
     "no_norm": "TA without norm (Fig. 4)",
     "instancenorm": "TA with InstanceNorm over frames (Fig. 4)",
     "ic": "TA with Instance Centering, no spectral norm (Fig. 4)",

@@ -19,19 +19,62 @@ from .errors import Ei2Error
 from .unet import UNet, VideoOptions, is_temporal_key, is_trainable_key
 
 
+# The version of what a tuned model computes. Format 2: conv_norm_out takes its statistics over all frames (with
+# resnet_norm "video"), the temporal attention has the level's head count (UNetConfig.attention_head_dim), and
+# Instance Centering runs in fp32 under autocast. Format 1 (no "format" in the metadata): per-frame conv_norm_out,
+# 8 temporal heads everywhere, IC in the autocast dtype; its tensors would be used by a different network.
+FORMAT = 2
+
+
+def computes(unet: UNet) -> dict:
+    """The choices of this ei2 version that a tuned model's numbers depend on, recorded in its metadata."""
+    heads = unet.config.attention_head_dim if unet.video.temporal != "none" else 0
+    return {"conv_norm_out": "per frame" if unet.video.resnet_norm == "frame" else "over frames",
+            "temporal_heads": heads, "instance_centering": "fp32"}
+
+
+def _metadata(unet: UNet, base_model: str, **more) -> dict[str, str]:
+    return {"ei2": json.dumps({"format": FORMAT, "base_model": str(base_model),
+                               "video_options": dataclasses.asdict(unet.video), "computes": computes(unet), **more})}
+
+
+def _redo(path: Path) -> str:
+    """How to redo the run that wrote `path` (runs/<name>/tuned.safetensors or its checkpoints/last.safetensors)."""
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    config = run / "config.yaml"
+    if config.is_file():
+        return f"re-run `python -m ei2.train --config {config}` (without --resume)"
+    return "re-run `python -m ei2.train` with that run's config (without --resume)"
+
+
+def check_format(meta: dict, path: str | os.PathLike) -> None:
+    """Refuse a tuned file or checkpoint written by another format of ei2, with how to redo the run."""
+    path = Path(path)
+    fmt = meta.get("format", 1)
+    if fmt == FORMAT:
+        return
+    if fmt < FORMAT:
+        raise Ei2Error(f"{path} was tuned with an older ei2 (format {fmt}) whose conv_norm_out took per-frame "
+                       "statistics, whose temporal attention had 8 heads at every level and whose Instance Centering "
+                       f"ran in bf16/fp16 under autocast: this ei2 (format {FORMAT}) computes another network; "
+                       f"{_redo(path)}")
+    raise Ei2Error(f"{path} was written by a newer ei2 (format {fmt}; this one reads format {FORMAT}); update ei2")
+
+
 def tuned_state_dict(unet: UNet) -> dict[str, torch.Tensor]:
     """The trainable tensors and every tensor of the temporal modules (incl. spectral-norm u, v), by UNet name."""
     return {k: v for k, v in unet.state_dict().items() if is_trainable_key(k) or is_temporal_key(k)}
 
 
 def save_tuned(unet: UNet, path: str | os.PathLike, base_model: str, extra: dict | None = None) -> None:
-    """Write the tuned tensors with the base model's path and the VideoOptions in the metadata (atomically)."""
-    meta = {"ei2": json.dumps({"base_model": str(base_model), "video_options": dataclasses.asdict(unet.video),
-                               **(extra or {})})}
+    """Write the tuned tensors with the format, the base model's path, the VideoOptions and `computes` in the
+    metadata (atomically)."""
+    meta = _metadata(unet, base_model, **(extra or {}))
     save_safetensors({k: v.float() for k, v in tuned_state_dict(unet).items()}, path, metadata=meta)
 
 
 def read_tuned_metadata(path: str | os.PathLike) -> dict:
+    """The ei2 metadata of a tuned file or training checkpoint; refuses one written by another format."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -40,9 +83,17 @@ def read_tuned_metadata(path: str | os.PathLike) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return json.loads(meta["ei2"])
+        meta = json.loads(meta["ei2"])
     except Exception:
         raise Ei2Error(f"{path} is not an ei2 tuned checkpoint (no ei2 metadata); re-run the training") from None
+    check_format(meta, path)
+    return meta
+
+
+def _check_computes(meta: dict, unet: UNet, path) -> None:
+    if meta.get("computes") != computes(unet):
+        raise Ei2Error(f"{path} was tuned by a network computing {meta.get('computes')}, this model computes "
+                       f"{computes(unet)}; {_redo(Path(path))}")
 
 
 def load_tuned(unet: UNet, path: str | os.PathLike) -> None:
@@ -50,6 +101,7 @@ def load_tuned(unet: UNet, path: str | os.PathLike) -> None:
     meta = read_tuned_metadata(path)
     if VideoOptions(**meta["video_options"]) != unet.video:
         raise Ei2Error(f"{path} was tuned with {meta['video_options']} but the model has {dataclasses.asdict(unet.video)}")
+    _check_computes(meta, unet, path)
     state = read_state_dict(path)
     expected = tuned_state_dict(unet)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -75,8 +127,10 @@ def load_tuned_unet(base_model: str | os.PathLike, tuned_path: str | os.PathLike
 
 
 def save_training_state(path, unet: UNet, optimizer: torch.optim.Optimizer, names: list[str], step: int,
-                        generator: torch.Generator, losses: list[float], base_model: str) -> None:
-    """Tuned tensors + AdamW moments (by parameter name) + generator state + step, in one atomic safetensors file."""
+                        generator: torch.Generator, losses: list[float], base_model: str,
+                        extra: dict | None = None) -> None:
+    """Tuned tensors + AdamW moments (by parameter name) + generator state + step, in one atomic safetensors file;
+    `extra` (JSON) joins the metadata, read back with `read_tuned_metadata` (the trainer's skipped steps)."""
     tensors = {f"model/{k}": v.float() for k, v in tuned_state_dict(unet).items()}
     state = optimizer.state_dict()["state"]
     for i, name in enumerate(names):
@@ -84,15 +138,14 @@ def save_training_state(path, unet: UNet, optimizer: torch.optim.Optimizer, name
             tensors[f"optim/{name}/{key}"] = torch.as_tensor(value).float() if key != "step" else torch.as_tensor(value)
     tensors["rng"] = generator.get_state()
     tensors["loss"] = torch.tensor(losses, dtype=torch.float64)
-    meta = {"ei2": json.dumps({"step": step, "base_model": str(base_model),
-                               "video_options": dataclasses.asdict(unet.video)})}
-    save_safetensors(tensors, path, metadata=meta)
+    save_safetensors(tensors, path, metadata=_metadata(unet, base_model, step=step, **(extra or {})))
 
 
 def load_training_state(path, unet: UNet, optimizer: torch.optim.Optimizer, names: list[str],
                         generator: torch.Generator) -> tuple[int, list[float]]:
     """Restore what `save_training_state` wrote; returns (step, losses so far)."""
     meta = read_tuned_metadata(path)
+    _check_computes(meta, unet, path)
     tensors = read_state_dict(path)
     model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     own = unet.state_dict()

@@ -83,8 +83,12 @@ class VideoOptions:
     ratio: r of FFAM, the stride of the other frames' token grid.
     temporal: the module after each feed-forward, "stam" (EI², Eq. 9), "ta" (Tune-A-Video) or "none".
     temporal_norm, spectral_norm: override the temporal module's normalization / spectral norm (Fig. 4 ablation).
-    resnet_norm: "video" computes the ResNet GroupNorm statistics over all frames jointly, as Tune-A-Video does;
-        "frame" per frame, as the image model. The transformers' GroupNorm is always per frame.
+    temporal_norm_trainable: add the temporal norm's affine (norm_temp.weight, .bias of a LayerNorm) to the trainable
+        set: Fig. 4's "LayerNorm" row. Tune-A-Video keeps it frozen (False), which makes TA compute what Fig. 4's
+        "LayerNorm*" (no learnable weights) computes.
+    resnet_norm: "video" computes the GroupNorm statistics of the ResNets and of the output norm (conv_norm_out) over
+        all frames jointly, as Tune-A-Video does; "frame" per frame, as the image model. The transformers' GroupNorm
+        is always per frame.
     """
 
     frame_attention: str = "ffam"
@@ -93,6 +97,7 @@ class VideoOptions:
     temporal_norm: str | None = None
     spectral_norm: bool | None = None
     resnet_norm: str = "video"
+    temporal_norm_trainable: bool = False
 
     def __post_init__(self):
         checks = [
@@ -106,6 +111,8 @@ class VideoOptions:
                 raise Ei2Error(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
         if not (isinstance(self.ratio, int) and self.ratio >= 1):
             raise Ei2Error(f"ratio={self.ratio!r}: the FFAM ratio r must be an integer >= 1")
+        if not isinstance(self.temporal_norm_trainable, bool):
+            raise Ei2Error(f"temporal_norm_trainable={self.temporal_norm_trainable!r} is not true or false")
 
 
 # --- Building blocks, named as in the published checkpoint -------------------------------------------------------------
@@ -224,7 +231,8 @@ class BasicTransformerBlock(nn.Module):
         if video.temporal == "none":
             self.norm_temp = self.attn_temp = None
         else:
-            self.norm_temp, self.attn_temp = temporal_module(video.temporal, dim, 8, video.temporal_norm,
+            # the level's head count, as Tune-A-Video's attn_temp (SD v1-4: 8 heads at every level)
+            self.norm_temp, self.attn_temp = temporal_module(video.temporal, dim, heads, video.temporal_norm,
                                                              video.spectral_norm)
 
     def forward(self, x, context, n: int, hw: tuple[int, int]):
@@ -343,7 +351,8 @@ class UNet(nn.Module):
                 [transformer(out) for _ in range(layers)] if c.cross_attention[::-1][i] else None,
                 None if last else "upsamplers", None if last else Upsample(out)))
 
-        self.conv_norm_out = GroupNorm(groups, ch[0], eps=c.norm_eps)
+        # Tune-A-Video normalizes the 5-D video here too: statistics over all frames, as the ResNets' (resnet_norm)
+        self.conv_norm_out = VideoGroupNorm(groups, ch[0], c.norm_eps, video.resnet_norm == "video")
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
         self.spectral_norms = [m for m in self.modules() if isinstance(m, SpectralNormLinear)]
         for m in self.spectral_norms:
@@ -405,7 +414,7 @@ class UNet(nn.Module):
             if hasattr(block, "upsamplers"):
                 x = block.upsamplers[0](x, skips[-1].shape[-2:])
 
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        x = self.conv_out(F.silu(self.conv_norm_out(x, n)))
         return x.view(b, n, -1, h, w).transpose(1, 2)  # (b*n, c, h, w) -> (b, c, n, h, w)
 
     # --- Loading and the trainable set -------------------------------------------------------------------------------
@@ -417,7 +426,8 @@ class UNet(nn.Module):
 
         `config` overrides the folder's config.json (a single file has none: SD v1-4's is the default).
         `video_options` are the fields of VideoOptions (frame_attention, ratio, temporal, temporal_norm,
-        spectral_norm, resnet_norm). The temporal modules are not in SD's file: they are created fresh."""
+        spectral_norm, resnet_norm, temporal_norm_trainable). The temporal modules are not in SD's file: they are
+        created fresh."""
         from .checkpoint import load_exact, open_component, read_state_dict
 
         unknown = set(video_options) - set(VideoOptions.__dataclass_fields__)
@@ -441,16 +451,21 @@ def is_temporal_key(name: str) -> bool:
     return ".attn_temp." in name or ".norm_temp." in name
 
 
-def is_trainable_key(name: str) -> bool:
+def is_trainable_key(name: str, temporal_norm: bool = False) -> bool:
     """The paper's trainable set (section 5): W_Q of FFAM (attn1.to_q) and of cross-attention (attn2.to_q), and every
-    parameter of the temporal attention (STAM; for `ta` Tune-A-Video's attn_temp). Norms stay frozen."""
-    return name.endswith(("attn1.to_q.weight", "attn2.to_q.weight")) or ".attn_temp." in name
+    parameter of the temporal attention (STAM; for `ta` Tune-A-Video's attn_temp). Norms stay frozen, except the
+    temporal norm's affine with `temporal_norm` (VideoOptions.temporal_norm_trainable, Fig. 4's "LayerNorm")."""
+    return (name.endswith(("attn1.to_q.weight", "attn2.to_q.weight")) or ".attn_temp." in name
+            or (temporal_norm and ".norm_temp." in name))
 
 
 def mark_trainable(unet: nn.Module) -> int:
-    """Freeze everything but the paper's trainable set; return the number of trainable parameters."""
+    """Freeze everything but the paper's trainable set (with the temporal norm's affine when the UNet's VideoOptions
+    say temporal_norm_trainable); return the number of trainable parameters."""
+    video = getattr(unet, "video", None)
+    temporal_norm = bool(video is not None and video.temporal_norm_trainable)
     count = 0
     for name, p in unet.named_parameters():
-        p.requires_grad_(is_trainable_key(name))
+        p.requires_grad_(is_trainable_key(name, temporal_norm))
         count += p.numel() if p.requires_grad else 0
     return count

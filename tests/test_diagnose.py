@@ -240,6 +240,24 @@ def test_tune_steps_move_the_modules(tiny):
     assert max(l["stats"]["mu_rv_hat"] for l in stam["layers"]) < 1e-5
 
 
+def test_fig4_layernorm_variants_after_tuning(tiny):
+    """`ln` (Fig. 4 "LayerNorm") tunes the LayerNorm's affine with TA, so after tuning it measures differently from
+    `ta`, whose affine stays frozen at its identity init; `ta` and `ln_noaffine` (Fig. 4 "LayerNorm*") compute the
+    same function from the same seed, so they measure the same."""
+    root, sd, clip = tiny
+    out = root / "fig4"
+    main(["--model", str(sd), "--video", str(clip), "--caption", CAPTION, "--compare", "ta,ln,ln_noaffine",
+          "--tune-steps", "2", "--lr", "1e-2", "--out", str(out)] + ARGS)
+    ta, ln, noaffine = json.loads((out / "diagnose.json").read_text())["variants"]
+    assert ln["video_options"]["temporal_norm_trainable"] and not ta["video_options"]["temporal_norm_trainable"]
+
+    def stats(v):
+        return [l["stats"][k] for l in v["layers"] for k in ("mu_rv_hat", "mean_shift")]
+
+    assert stats(ta) == pytest.approx(stats(noaffine), rel=1e-4, abs=1e-6)
+    assert stats(ln) != pytest.approx(stats(ta), rel=1e-3)
+
+
 def test_run_directory(tiny, capsys):
     from ei2.config import TrainConfig, save_config
     from ei2.tuned import save_tuned

@@ -102,6 +102,25 @@ def test_suite_edits_and_ideal_scores():
             assert m["iou"] == 1.0 and m["trajectory_px"] == 0.0 and m["bg_change"] < 0.1  # anti-aliased rims
 
 
+def test_fig4_layernorm_rows():
+    """Fig. 4's "LayerNorm" row (`ta_ln`) tunes the temporal LayerNorm's affine with TA; "LayerNorm*" (`ta_ln_noaffine`)
+    has none; Tune-A-Video (`tav`) keeps it frozen. Both LayerNorm rows are in the default suite and the Fig. 4 chart."""
+    from ei2.unet import UNet, UNetConfig, VideoOptions, mark_trainable
+
+    def tuned_norms(method):
+        m = UNet(UNetConfig.tiny(), VideoOptions(**benchmark.METHODS[method].video))
+        mark_trainable(m)
+        return sum(p.numel() for n, p in m.named_parameters() if ".norm_temp." in n and p.requires_grad)
+
+    assert tuned_norms("ta_ln") == 5 * 2 * 32 + 11 * 2 * 64  # weight + bias of the 16 blocks' LayerNorms
+    assert tuned_norms("tav") == tuned_norms("ta_ln_noaffine") == 0
+    defaults = benchmark.DEFAULT_METHODS.split(",")
+    for name in ("ta_ln", "ta_ln_noaffine"):
+        assert name in defaults and name in benchmark.DIAGNOSE_SETS["diagnose-fig4"]
+    assert "Fig. 4 LayerNorm)" in benchmark.METHODS["ta_ln"].description
+    assert "Fig. 4 LayerNorm*" in benchmark.METHODS["ta_ln_noaffine"].description
+
+
 def test_bad_arguments_are_one_line_errors(capsys):
     for argv in (["--methods", "ei2,nope"], ["--edits", "style"], ["--clips", "9"]):
         with pytest.raises(SystemExit) as e:

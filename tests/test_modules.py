@@ -35,6 +35,27 @@ def test_instance_centering_eq6():
     assert torch.equal(instance_centering(torch.tensor([[1.0], [2.0], [3.0]])), torch.tensor([[-1.0], [0.0], [1.0]]))
 
 
+@pytest.mark.parametrize("kind", ["ic", "instancenorm"])
+def test_instance_centering_in_bf16_autocast(kind):
+    """Under bf16 autocast the residual stream is bf16 with a mean far larger than the frames' deviations from it
+    (here 100 vs about 1, as SD's). Centered in bf16 the mean would be rounded at that scale (bf16's step at 100 is
+    0.5), an error the same for every frame; IC centers in fp32 and rounds once, so its output is within bf16's own
+    relative precision (2^-8) of the fp32 result on the same input, and has no temporal mean left."""
+    from ei2.attention import temporal_norm
+
+    g = torch.Generator().manual_seed(0)
+    mean = 100 + 20 * torch.randn(64, generator=g)
+    z = (mean + torch.randn(256, 8, 64, generator=g)).bfloat16()  # (locations, n, d)
+    norm = temporal_norm(kind, 64)
+    reference = norm(z.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(z)
+    assert out.dtype == torch.bfloat16
+    scale = reference.abs().max()
+    assert (out.float() - reference).abs().max() <= 2**-8 * scale
+    assert out.float().mean(dim=1).abs().max() <= 2**-8 * scale  # mu_rv(IC(z)) about 0 (Eq. 6)
+
+
 # --- Eq. 8: spectral normalization by power iteration ----------------------------------------------------------------
 
 
@@ -186,6 +207,36 @@ def test_tune_a_video_ta_initialization():
     assert torch.count_nonzero(attn.to_out[0].weight) == 0
     assert torch.count_nonzero(attn.to_out[0].bias) > 0
     assert type(attn.to_v) is torch.nn.Linear
+
+
+def naive_temporal_attention(attn, zhat: torch.Tensor, heads: int) -> torch.Tensor:
+    """Linear(Attention(ẑ, ẑ)) over the n frames, head by head: each head h sees channels [h d/H, (h+1) d/H) of Q, K,
+    V and scales by sqrt(d/H); the heads' outputs are concatenated before the output map."""
+    q, k, v = attn.to_q(zhat), attn.to_k(zhat), attn.to_v(zhat)  # (N, n, d)
+    dh = q.shape[-1] // heads
+    outs = []
+    for h in range(heads):
+        sl = slice(h * dh, (h + 1) * dh)
+        outs.append(torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / dh**0.5, dim=-1) @ v[..., sl])
+    return attn.to_out[0](torch.cat(outs, dim=-1))
+
+
+@pytest.mark.parametrize("temporal", ["stam", "ta"])
+def test_temporal_heads_follow_the_config(temporal):
+    """Tune-A-Video's attn_temp has the level's head count (SD v1's attention_head_dim, the number of heads: 8 for
+    SD v1-4, 2 in UNetConfig.tiny()), not a fixed 8; the module computes that many heads."""
+    torch.manual_seed(0)
+    cfg = UNetConfig.tiny()
+    m = UNet(cfg, VideoOptions(temporal=temporal)).eval()
+    blocks = [mod for name, mod in m.named_modules() if name.endswith("transformer_blocks.0")]
+    assert len(blocks) == 16 and all(b.attn_temp.heads == cfg.attention_head_dim == 2 for b in blocks)
+    block = blocks[0]
+    with torch.no_grad():
+        block.attn_temp.to_out[0].weight.normal_()  # TA's starts at zero
+        zhat = block.norm_temp(torch.randn(6, 5, 32))  # (locations, n, d)
+        got = block.attn_temp(zhat)
+        assert torch.allclose(got, naive_temporal_attention(block.attn_temp, zhat, 2), atol=1e-5)
+        assert not torch.allclose(got, naive_temporal_attention(block.attn_temp, zhat, 8), atol=1e-3)
 
 
 @pytest.mark.parametrize("norm_kind", ["layernorm", "layernorm_noaffine", "none", "instancenorm", "ic"])
@@ -342,3 +393,20 @@ def test_trainable_set_full_sd(temporal):
     assert not any("norm_temp" in n for n in names)  # TA's LayerNorm affine stays frozen, as in Tune-A-Video
     assert is_trainable_key("down_blocks.0.attentions.0.transformer_blocks.0.attn_temp.to_v.weight")
     assert not is_trainable_key("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight")
+
+
+@pytest.mark.parametrize("temporal", ["ta", "stam"])
+@pytest.mark.parametrize("on", [False, True])
+def test_trainable_set_with_the_temporal_norm(temporal, on):
+    """temporal_norm_trainable (Fig. 4's "LayerNorm" row) adds the temporal LayerNorm's weight and bias, d + d per
+    block, to section 5's set; off (Tune-A-Video) they stay frozen. STAM's IC has no parameters: nothing to add.
+    Hand count at the tiny config: blocks of width 32 (5), 64 (5 + 5) and the middle one (64)."""
+    cfg = UNetConfig.tiny()
+    m = UNet(cfg, VideoOptions(temporal=temporal, temporal_norm_trainable=on))
+    base = 5 * (6 * 32**2 + 32) + 11 * (6 * 64**2 + 64)
+    assert base == expected_trainable(cfg) == 301_920
+    norms = 5 * 2 * 32 + 11 * 2 * 64 if on and temporal == "ta" else 0  # 1,728
+    assert mark_trainable(m) == base + norms
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert sum(".norm_temp." in n for n in trainable) == (32 if on and temporal == "ta" else 0)
+    assert not any(".norm1." in n or ".norm2." in n or ".norm3." in n or "conv_norm_out" in n for n in trainable)

@@ -16,6 +16,7 @@ from ei2.checkpoint import read_state_dict
 from ei2.config import load_config
 from ei2.demo import write_random_model
 from ei2.edit import edit
+from ei2.errors import Ei2Error
 from ei2.train import main, run
 from ei2.tuned import load_tuned_unet, read_tuned_metadata
 from ei2.unet import is_temporal_key, is_trainable_key
@@ -109,6 +110,55 @@ def test_edit_reproduces_the_training_edit(finished, tmp_path):
     for k in ("gif", "mp4"):
         assert np.array_equal(iio.imread(copy / entry[k], index=None), iio.imread(out / first[k], index=None))
     assert len(json.loads((copy / "edits.json").read_text())) == 3
+
+
+def as_format_1(path: Path) -> None:
+    """Rewrite a tuned file or checkpoint with the metadata an older ei2 (format 1) wrote: no "format", no "computes",
+    no temporal_norm_trainable among the video options."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["ei2"])
+    del meta["format"], meta["computes"], meta["video_options"]["temporal_norm_trainable"]
+    save_file(read_state_dict(path), str(path), metadata={"ei2": json.dumps(meta)})
+
+
+def test_tuned_metadata_records_the_format(finished):
+    out, _ = finished
+    for path in (out / "tuned.safetensors", out / "checkpoints/last.safetensors"):
+        meta = read_tuned_metadata(path)
+        assert meta["format"] == 2
+        assert meta["computes"] == {"conv_norm_out": "over frames", "temporal_heads": 2, "instance_centering": "fp32"}
+
+
+def test_old_tuned_run_is_refused_with_how_to_redo_it(finished, tmp_path, capsys):
+    import shutil
+
+    from ei2.edit import main as edit_main
+
+    out, cfg = finished
+    copy = tmp_path / "old-run"
+    shutil.copytree(out, copy)
+    as_format_1(copy / "tuned.safetensors")
+    with pytest.raises(Ei2Error) as e:
+        load_tuned_unet(cfg.model, copy / "tuned.safetensors")
+    message = str(e.value)
+    assert "older ei2 (format 1)" in message and "conv_norm_out" in message and "\n" not in message
+    assert f"re-run `python -m ei2.train --config {copy / 'config.yaml'}`" in message
+    with pytest.raises(SystemExit) as exit_:
+        edit_main(["--run", str(copy), "--prompt", "a cat", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "older ei2 (format 1)" in err and "\n" not in err
+
+
+def test_resume_of_an_old_checkpoint_is_refused(assets, tmp_path, capsys):
+    out = tmp_path / "old"
+    run(cfg_for(assets, out, steps=2), progress=False)
+    as_format_1(out / "checkpoints/last.safetensors")
+    err = error_of(["--config", str(out / "config.yaml"), "--steps", "4", "--resume"], capsys)
+    assert "older ei2 (format 1)" in err and "conv_norm_out" in err
+    assert f"re-run `python -m ei2.train --config {out / 'config.yaml'}` (without --resume)" in err
 
 
 def test_resume_equals_uninterrupted(assets, tmp_path):

@@ -5,11 +5,12 @@ import gc
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import diffusers_unet, randomize, sd_keys
 from safetensors.torch import save_file
 
 from ei2.errors import Ei2Error
-from ei2.unet import UNet, UNetConfig
+from ei2.unet import UNet, UNetConfig, VideoOptions
 
 IMAGE = dict(frame_attention="self", temporal="none")
 
@@ -76,6 +77,44 @@ def test_resnet_norm_over_frames(tiny_folder):
     expected = torch.nn.functional.group_norm(five_d, 4, norm.weight, norm.bias, 1e-5).transpose(1, 2).reshape(6, 8, 5, 5)
     assert torch.allclose(norm(x, 3), expected, atol=1e-5)
     assert not torch.allclose(norm(x, 3), norm(x, 1), atol=1e-3)
+
+
+def test_conv_norm_out_over_frames_by_hand():
+    """conv_norm_out, the UNet's last GroupNorm, normalizes the 5-D video (b, c, n, h, w) as Tune-A-Video's does:
+    statistics over frames and pixels. Hand-made input: frame 1 is frame 0 shifted by +3, so per-frame statistics
+    would map both frames to the same values; the video statistics keep them 3 / std apart."""
+    m = randomize(UNet(UNetConfig.tiny(), VideoOptions(frame_attention="self", temporal="none")), 4)
+    norm = m.conv_norm_out  # 8 groups of 32 channels, weight about 1
+    frame = torch.arange(32 * 2 * 2, dtype=torch.float32).view(32, 2, 2).cos()
+    x = torch.stack([frame, frame + 3.0]).repeat(2, 1, 1, 1)  # (b*n, c, h, w), b = 2, n = 2
+    five_d = x.view(2, 2, 32, 2, 2).transpose(1, 2)  # (b, c, n, h, w)
+    expected = F.group_norm(five_d, 8, norm.weight, norm.bias, 1e-5).transpose(1, 2).reshape(4, 32, 2, 2)
+    assert torch.allclose(norm(x, 2), expected, atol=1e-5)
+    per_frame = F.group_norm(x, 8, norm.weight, norm.bias, 1e-5)
+    assert torch.allclose(per_frame[0], per_frame[1], atol=1e-5)  # what per-frame statistics would give
+    assert not torch.allclose(norm(x, 2)[0], norm(x, 2)[1], atol=1e-2)
+    frame_norm = UNet(UNetConfig.tiny(), VideoOptions(frame_attention="self", temporal="none", resnet_norm="frame"))
+    assert torch.allclose(frame_norm.conv_norm_out(x, 2), F.group_norm(x, 8, None, None, 1e-5), atol=1e-6)  # per frame
+
+
+@pytest.mark.parametrize("resnet_norm", ["video", "frame"])
+def test_unet_output_norm_statistics(resnet_norm):
+    """In the whole UNet the input of conv_out is SiLU(GroupNorm(x)) with the statistics of the 5-D video for
+    resnet_norm "video" (Tune-A-Video) and per frame for "frame", x being what reaches conv_norm_out."""
+    torch.manual_seed(0)
+    m = randomize(UNet(UNetConfig.tiny(), VideoOptions(resnet_norm=resnet_norm)), 5).eval()
+    seen = {}
+    m.conv_norm_out.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    m.conv_out.register_forward_pre_hook(lambda mod, args: seen.update(y=args[0]))
+    with torch.no_grad():
+        m(torch.randn(2, 4, 3, 8, 8), 10, torch.randn(2, 77, 32))
+    x, norm = seen["x"], m.conv_norm_out  # x (b*n, c, h, w)
+    five_d = x.view(2, 3, *x.shape[1:]).transpose(1, 2)  # (b, c, n, h, w)
+    over_frames = F.group_norm(five_d, 8, norm.weight, norm.bias, 1e-5).transpose(1, 2).reshape(x.shape)
+    per_frame = F.group_norm(x, 8, norm.weight, norm.bias, 1e-5)
+    expected, other = (over_frames, per_frame) if resnet_norm == "video" else (per_frame, over_frames)
+    assert torch.allclose(seen["y"], F.silu(expected), atol=1e-5)
+    assert not torch.allclose(seen["y"], F.silu(other), atol=1e-3)
 
 
 def test_full_sd_v1_4_parity(tmp_path):
