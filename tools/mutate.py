@@ -15,6 +15,7 @@ is an error too, so the list cannot silently rot when the code changes: update t
     python tools/mutate.py --list          # the mutations and their tests
     python tools/mutate.py -k ffam sca     # only mutations whose name contains one of these words
     python tools/mutate.py --each          # without -x: report which of the named tests fail for each mutation
+    python tools/mutate.py --check         # only check that every snippet still applies (no tests run)
 """
 
 from __future__ import annotations
@@ -244,6 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="print the mutations and exit")
     ap.add_argument("--each", action="store_true", help="run every named test (no -x) and report which fail")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    ap.add_argument("--check", action="store_true", help="only check that every snippet is found exactly once")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.k or any(w in m.name for w in args.k)]
     if args.list:
@@ -263,7 +265,8 @@ def main(argv=None) -> int:
             if why:
                 rows.append((m.name, m.tests, f"ERROR: {why}"))
                 bad += 1
-        if bad:
+        if bad or args.check:
+            print(f"snippets: {len(chosen) - bad} of {len(chosen)} mutations apply", flush=True)
             chosen = []
         if chosen and not args.no_baseline:
             base = tmp / "baseline"
@@ -295,7 +298,9 @@ def main(argv=None) -> int:
                 print(tail)
             rows.append((m.name, m.tests, verdict))
             print(f"{m.name}: {verdict} ({time.time() - t0:.0f} s)" + (f" {failed}" if args.each else ""), flush=True)
-    width = max(len(r[0]) for r in rows) if rows else 10
+    if not rows:
+        return 0
+    width = max(len(r[0]) for r in rows)
     print()
     print(f"{'mutation':<{width}} | tests | caught/survived")
     print(f"{'-' * width}-|-------|----------------")
