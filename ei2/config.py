@@ -19,6 +19,7 @@ import yaml
 from .attention import FRAME_ATTENTIONS, TEMPORAL_NORMS
 from .checkpoint import atomic_path
 from .errors import Ei2Error
+from .video import RESIZES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -38,7 +39,9 @@ class TrainConfig:
     n_frames: int = _key(8, "number of frames sampled from the video (paper: 8)")
     start: int = _key(0, "index of the first frame sampled")
     stride: int = _key(1, "take every stride-th frame from start on")
-    size: int = _key(512, "frames are resized (short side) and center-cropped to size x size; a multiple of 64")
+    size: int = _key(512, "frames are brought to size x size (see resize); a multiple of 64")
+    resize: str = _key("crop", "crop: short side to size, then the center square; squash: both sides to size "
+                               "(Tune-A-Video)")
     steps: int = _key(500, "tuning steps (paper: 500)")
     learning_rate: float = _key(3e-5, "AdamW learning rate (paper: 3e-5)")
     weight_decay: float = _key(1e-2, "AdamW weight decay (Tune-A-Video: 1e-2)")
@@ -234,6 +237,7 @@ def validate(cfg: TrainConfig) -> None:
          f"device={cfg.device!r} must be auto, cpu, cuda, cuda:N or mps"),
     ]
     choices = [
+        ("resize", cfg.resize, RESIZES),
         ("frame_attention", cfg.frame_attention, FRAME_ATTENTIONS),
         ("temporal", cfg.temporal, ("stam", "ta", "none")),
         ("temporal_norm", cfg.temporal_norm, (None,) + TEMPORAL_NORMS),

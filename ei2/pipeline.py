@@ -95,20 +95,29 @@ def load_models(model: str, video: VideoOptions, device: torch.device, precision
         near = [Path(model).parent / "tokenizer", Path(model).parent / "stable-diffusion-v1-4" / "tokenizer"]
         tokenizer = next((p for p in near if p.is_dir()), None)
     text = TextEncoder.from_pretrained(model, device=device, tokenizer=tokenizer)
-    vae = AutoencoderKL.from_pretrained(model, dtype=vae_dtype(precision))
+    vae = AutoencoderKL.from_pretrained(model)  # fp32: prepare_models casts only the decoder to vae_dtype
     unet = UNet.from_pretrained(model, **dataclasses.asdict(video))
     return prepare_models(unet, vae, text, device, precision)
 
 
 def vae_dtype(precision: str) -> torch.dtype:
-    """bf16 for a bf16 job; fp32 otherwise (SD's VAE overflows in fp16)."""
+    """The VAE decoder's dtype: bf16 for a bf16 job; fp32 otherwise (SD's VAE overflows in fp16). The encoder is
+    always fp32 (`prepare_models`)."""
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def prepare_models(unet: UNet, vae: AutoencoderKL, text, device: torch.device, precision: str) -> Models:
-    """The job's set-up of loaded models: on the device, VAE frozen in `vae_dtype`, the paper's trainable set marked
-    in the UNet, and under bf16/fp16 its frozen weights stored in that dtype (`freeze_to_dtype_`)."""
-    vae = vae.to(device, vae_dtype(precision)).eval().requires_grad_(False)
+    """The job's set-up of loaded models: on the device, the VAE frozen with its encoder (and quant_conv) in fp32 and
+    its decoder (and post_quant_conv) in `vae_dtype`, the paper's trainable set marked in the UNet, and under bf16/fp16
+    its frozen weights stored in that dtype (`freeze_to_dtype_`).
+
+    Why the encoder stays fp32: tuning (Eq. 2) draws every x_0 from the clip's posterior and DDIM inversion starts from
+    its mean, so an error there is in every step and in the edits' starting noise; a bf16 decoder only rounds the
+    output pixels. The encoder runs once per job, so fp32 costs its 34 M parameters' extra two bytes each (SD v1-4),
+    not time. Hand the VAE in fp32 (`load_models` does): a low-precision one is upcast, its rounded weights stay so."""
+    vae = vae.to(device, torch.float32).eval().requires_grad_(False)
+    for part in (vae.decoder, vae.post_quant_conv):
+        part.to(vae_dtype(precision))
     unet = unet.to(device)
     mark_trainable(unet)
     if precision != "fp32":
@@ -139,7 +148,8 @@ def make_optimizer(unet: UNet, learning_rate: float, weight_decay: float) -> tor
 @torch.no_grad()
 def encode_video(models: Models, frames: torch.Tensor):
     """frames (n, 3, H, W) in [-1, 1] -> the VAE posterior over the frames' latents, computed once (its moments are
-    reused by every tuning step, which draws a fresh sample). Four frames at a time, as `decode`."""
+    reused by every tuning step, which draws a fresh sample). Four frames at a time, as `decode`; in the encoder's
+    dtype, fp32 in every job (`prepare_models`), outside autocast."""
     return models.vae.encode(frames.to(models.device), chunk=4)
 
 
@@ -153,24 +163,71 @@ def to_frames(latent: torch.Tensor) -> torch.Tensor:
     return latent[0].transpose(0, 1)
 
 
+MAX_SKIPS = 10  # non-finite gradients this many steps in a row stop the run
+
+
 class NonFiniteLoss(Exception):
     def __init__(self, step: int):
         super().__init__(f"non-finite loss at step {step}")
         self.step = step
 
 
+class NonFiniteGradients(NonFiniteLoss):
+    """MAX_SKIPS steps in a row, first..step (1-based), had a non-finite gradient norm; each was skipped."""
+
+    def __init__(self, step: int, first: int):
+        Exception.__init__(self, f"non-finite gradients at steps {first}..{step}")
+        self.step, self.first = step, first
+
+
+def step_unless_skipped(optimizer, ok: torch.Tensor) -> None:
+    """`optimizer.step()` where the 0-d bool tensor `ok` holds; where it does not, nothing changes: parameters, AdamW
+    moments and AdamW's step count stay bit for bit (weight decay, which acts even on a zero gradient, included).
+
+    A fused optimizer (make_optimizer's on CUDA) is told on the device, as GradScaler tells it: its `found_inf` makes
+    the kernel leave parameters and moments and undo the step count; no host synchronization. Zeroing the gradient
+    instead would not skip: AdamW would still decay the weights and move the moments. Any other optimizer is asked on
+    the host (`bool(ok)`): a synchronization per step on a GPU, none on the CPU where it runs."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~ok).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(ok):
+        optimizer.step()
+
+
+def skip_streak(skipped: list[int], step: int) -> int:
+    """How many steps in a row up to `step` (1-based) are in `skipped`."""
+    done = set(skipped)
+    n = 0
+    while step - n in done:
+        n += 1
+    return n
+
+
 def tune_steps(models: Models, posterior, context: torch.Tensor, optimizer, generator: torch.Generator,
                start: int, steps: int, grad_clip: float, scaler=None, sync_every: int = 10, on_sync=None,
-               progress: bool = True):
+               progress: bool = True, skipped: list[int] | None = None):
     """Steps start..steps-1 of one-shot tuning (Eq. 2): x_0 = a fresh posterior sample of the clip (scaled), t uniform
     in [0, 1000), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, loss = ||eps - eps_theta(x_t, t, caption)||^2.
 
     Losses stay on the device and are read every `sync_every` steps (no per-step host synchronization); then
-    `on_sync(step, losses)` is called (checkpointing), after checking they are finite (else NonFiniteLoss)."""
+    `on_sync(step, losses)` is called (checkpointing), after checking they are finite (else NonFiniteLoss).
+
+    A step whose gradient norm (clip_grad_norm_'s total, before clipping) is not finite is skipped, decided on the
+    device (`step_unless_skipped`): in bf16 or fp32 nothing else would keep a finite loss's inf/NaN gradient out of the
+    weights (fp16's GradScaler skips such a step itself; it is counted the same way). A skipped step still counts:
+    its noise and timestep are drawn, the step total and the checkpoints' step advance. The skips are read with the
+    losses and appended, 1-based, to `skipped` (the caller's list: pass a resumed run's to continue its count);
+    MAX_SKIPS in a row raise NonFiniteGradients at that read, before `on_sync`."""
     unet, device = models.unet, models.device
     params = [p for p in unet.parameters() if p.requires_grad]
     scale = models.vae.config.scaling_factor
     alphas = ddim.alphas_cumprod().to(device)
+    skipped = [] if skipped is None else skipped
+    streak = skip_streak(skipped, start)
     pending: list[torch.Tensor] = []
     unet.train()
     bar = tqdm(range(start, steps), desc="tuning", initial=start, total=steps, disable=not progress)
@@ -188,23 +245,37 @@ def tune_steps(models: Models, posterior, context: torch.Tensor, optimizer, gene
             scaler.unscale_(optimizer)
         else:
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        ok = torch.isfinite(torch.nn.utils.clip_grad_norm_(params, grad_clip))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
-            optimizer.step()
-        pending.append(loss.detach())
+            step_unless_skipped(optimizer, ok)
+        pending.append(torch.stack([loss.detach().float(), (~ok).float()]))
         if len(pending) == sync_every or step == steps - 1:
-            values = torch.stack(pending).tolist()  # the one host synchronization per window
+            window = torch.stack(pending).tolist()  # the one host synchronization per window
             pending.clear()
-            bad = [i for i, v in enumerate(values) if not torch.isfinite(torch.tensor(v))]
+            first = step - len(window) + 2  # 1-based, as the progress bar counts
+            bad = [i for i, (v, _) in enumerate(window) if not torch.isfinite(torch.tensor(v))]
             if bad:
-                raise NonFiniteLoss(step - len(values) + 2 + bad[0])  # 1-based, as the progress bar counts
-            bar.set_postfix(loss=f"{sum(values) / len(values):.4f}")
+                raise NonFiniteLoss(first + bad[0])
+            for i, (_, skip) in enumerate(window):
+                streak = streak + 1 if skip else 0
+                if skip:
+                    skipped.append(first + i)
+                if streak == MAX_SKIPS:
+                    raise NonFiniteGradients(first + i, first + i - MAX_SKIPS + 1)
+            values = [v for v, _ in window]
+            bar.set_postfix(loss=f"{sum(values) / len(values):.4f}", **({"skipped": len(skipped)} if skipped else {}))
             if on_sync is not None:
                 on_sync(step + 1, values)
     unet.eval()
+
+
+def all_finite(tensors) -> bool:
+    """Whether every element of `tensors` is finite (one host read); checked before tuned weights are written."""
+    tensors = list(tensors)
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@
 
 A run directory holds: config.yaml (resolved), tuned.safetensors (trainable tensors + spectral-norm buffers + module
 options), inverted.safetensors (x_T), source.mp4/.gif, edits/NN-<prompt>.mp4/.gif, edits.json, comparison.mp4 and
-comparison.png (source | edits), log.json (loss per step, timings, peak memory, versions), checkpoints/last.safetensors.
+comparison.png (source | edits), log.json (loss per step, steps skipped for a non-finite gradient, timings, peak
+memory, versions), checkpoints/last.safetensors.
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ from . import __version__
 from .checkpoint import atomic_path, save_safetensors
 from .config import describe_keys, load_config, save_config
 from .errors import Ei2Error, cli_main
-from .pipeline import (NonFiniteLoss, check_model, encode_video, invert, load_models, make_optimizer, render,
-                       resolve_device, resolve_precision, tune_steps)
-from .tuned import load_training_state, save_training_state, save_tuned, trainable_parameters
+from .pipeline import (MAX_SKIPS, NonFiniteGradients, NonFiniteLoss, all_finite, check_model, encode_video, invert,
+                       load_models, make_optimizer, render, resolve_device, resolve_precision, tune_steps)
+from .tuned import (load_training_state, read_tuned_metadata, save_training_state, save_tuned,
+                    trainable_parameters)
 from .unet import VideoOptions
 from .video import frame_grid, read_frames, side_by_side, to_uint8, write_image, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-VIDEO_KEYS = ("frame_attention", "ratio", "temporal", "temporal_norm", "spectral_norm", "resnet_norm")
+VIDEO_KEYS = ("frame_attention", "ratio", "temporal", "temporal_norm", "spectral_norm", "resnet_norm",
+              "temporal_norm_trainable")
 # settings that may change between an interrupted run and its --resume without changing what was computed so far
 RESUMABLE = {"steps", "checkpoint_every", "compile", "recompute_activations", "gradient_checkpointing", "edit_prompts",
              "guidance", "inference_steps", "fps", "device", "output_dir"}
@@ -101,11 +104,12 @@ def run(cfg, resume: bool = False, progress: bool = True) -> Path:
     if precision != "fp32" and device.type != "cuda":
         raise Ei2Error(f"precision {precision} needs a CUDA device; use precision fp32 (or auto) on the CPU")
     check_model(cfg.model)  # both inputs are checked before anything is written or loaded
-    frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size)
+    frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size, cfg.resize)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     memory = Memory(device)
-    log = {"loss": [], "timings": {}, "peak_memory_gib": {}, "versions": versions(device), "precision": precision}
+    log = {"loss": [], "skipped_steps": [], "timings": {}, "peak_memory_gib": {}, "versions": versions(device),
+           "precision": precision}
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device).manual_seed(cfg.seed)
@@ -122,29 +126,47 @@ def run(cfg, resume: bool = False, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     posterior = encode_video(models, frames)
     caption = models.text.encode([cfg.caption])
-    names, _ = trainable_parameters(models.unet)
+    names, params = trainable_parameters(models.unet)
     optimizer = make_optimizer(models.unet, cfg.learning_rate, cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    start, losses = 0, []
+    start, losses, skipped = 0, [], []
     if resume:
         start, losses = load_training_state(ckpt, models.unet, optimizer, names, generator)
+        skipped = list(read_tuned_metadata(ckpt).get("skipped_steps", []))
         print(f"resuming {out} from step {start}")
     every = cfg.checkpoint_every
+
+    def kept() -> str:
+        return f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written before it"
+
+    def check_finite(step: int) -> None:
+        """Never write non-finite weights (the skipped steps should make this unreachable)."""
+        if not all_finite(params):
+            raise Ei2Error(f"the tuned weights are NaN/inf at step {step} and were not saved; stopped, {kept()}; "
+                           "lower learning_rate or use precision fp32, then run again")
 
     def on_sync(step: int, values: list[float]) -> None:
         losses.extend(values)
         if every and (step % every == 0 or step == cfg.steps):
-            save_training_state(ckpt, models.unet, optimizer, names, step, generator, losses, cfg.model)
+            check_finite(step)
+            save_training_state(ckpt, models.unet, optimizer, names, step, generator, losses, cfg.model,
+                                extra={"skipped_steps": skipped})
 
     try:
         tune_steps(models, posterior, caption, optimizer, generator, start, cfg.steps, cfg.grad_clip, scaler,
-                   sync_every=math.gcd(10, every) if every else 10, on_sync=on_sync, progress=progress)
+                   sync_every=math.gcd(10, every) if every else 10, on_sync=on_sync, progress=progress,
+                   skipped=skipped)
+    except NonFiniteGradients as e:
+        raise Ei2Error(f"the gradients were NaN/inf at steps {e.first}-{e.step} ({MAX_SKIPS} in a row, each skipped); "
+                       f"stopped, {kept()}; lower learning_rate or use precision fp32 and start the run again "
+                       "(--resume would repeat the same steps)") from None
     except NonFiniteLoss as e:
-        kept = f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written before it"
-        raise Ei2Error(f"the loss became NaN/inf at step {e.step}; stopped, {kept}; lower learning_rate or use "
+        raise Ei2Error(f"the loss became NaN/inf at step {e.step}; stopped, {kept()}; lower learning_rate or use "
                        "precision fp32, then run again (with --resume to continue from the checkpoint)") from None
     log["loss"] = losses
+    log["skipped_steps"] = skipped
     log["timings"]["tuning_s"] = time.perf_counter() - t0
+    check_finite(cfg.steps)
     save_tuned(models.unet, out / "tuned.safetensors", cfg.model, {"steps": cfg.steps, "caption": cfg.caption})
 
     # --- inversion --------------------------------------------------------------------------------------------

@@ -27,14 +27,18 @@ VIDEO_HINT = "set `video:` in the config to an mp4, gif or a folder of frames"
 # --- Reading ------------------------------------------------------------------------------------------------------
 
 
+RESIZES = ("crop", "squash")
+
+
 def read_frames(
-    path: str | os.PathLike, n_frames: int, start: int = 0, stride: int = 1, size: int = 512
+    path: str | os.PathLike, n_frames: int, start: int = 0, stride: int = 1, size: int = 512, resize: str = "crop"
 ) -> torch.Tensor:
     """Frames start, start+stride, ..., start+(n_frames-1)*stride of a video file (mp4 or anything ffmpeg reads), a
-    .gif or a folder of images (natural name order), each resized so its short side is `size` (bicubic) and
-    center-cropped to size x size. Returns float32 (n_frames, 3, size, size) in [-1, 1]. Decoding stops at the last
-    frame needed."""
+    .gif or a folder of images (natural name order), each brought to size x size by `resize` (`fit_frame`). Returns
+    float32 (n_frames, 3, size, size) in [-1, 1]. Decoding stops at the last frame needed."""
     _check_sampling(n_frames, start, stride, size)
+    if resize not in RESIZES:
+        raise Ei2Error(f"resize={resize!r} is not one of {', '.join(RESIZES)}")
     path = Path(path)
     if not path.exists():
         raise Ei2Error(f"video not found: {path}; {VIDEO_HINT}")
@@ -76,7 +80,7 @@ def read_frames(
             raise Ei2Error(f"video {path} has no frames; {VIDEO_HINT}")
         if last >= count:
             raise _too_short(path, count, n_frames, start, stride)
-    out = np.stack([np.asarray(_resize_crop(frames[i], size), dtype=np.uint8) for i in wanted])
+    out = np.stack([np.asarray(fit_frame(frames[i], size, resize), dtype=np.uint8) for i in wanted])
     return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
 
 
@@ -146,6 +150,22 @@ def _iter_ffmpeg(path: Path, max_frames: int) -> Iterator[Image.Image]:
             yield Image.frombytes("RGB", (w, h), data)
     finally:
         gen.close()
+
+
+def fit_frame(im: Image.Image, size: int, resize: str = "crop") -> Image.Image:
+    """One frame to size x size.
+
+    crop (ei2's default): the short side to `size` (bicubic), then the center size x size; the aspect ratio is kept,
+    the long side's ends are cut off.
+    squash (Tune-A-Video's): both sides to `size` (bilinear), the whole frame kept, its aspect ratio not. Tune-A-Video's
+    dataset (tuneavideo/data/dataset.py) reads with `decord.VideoReader(path, width=512, height=512)`, which runs
+    ffmpeg's `scale=512:512` filter (decord src/video/ffmpeg/threaded_decoder.cc); that filter's default interpolation
+    is bilinear in the ffmpeg 4 that decord's wheels bundle. Pillow's bilinear (a triangle filter, widened when
+    shrinking, as swscale's) is not the same code: pixels may differ slightly from Tune-A-Video's, the geometry does
+    not."""
+    if resize == "squash":
+        return im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BILINEAR)
+    return _resize_crop(im, size)
 
 
 def _resize_crop(im: Image.Image, size: int) -> Image.Image:

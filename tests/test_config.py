@@ -26,6 +26,7 @@ def test_defaults_are_the_papers_settings():
     assert (c.resnet_norm, c.precision, c.device, c.seed, c.fps) == ("video", "auto", "auto", 33, 8)
     assert c.model == "weights/stable-diffusion-v1-4" and c.output_dir == "runs/<name>"
     assert (c.start, c.stride, c.gradient_checkpointing, c.checkpoint_every, c.edit_prompts) == (0, 1, False, 100, [])
+    assert c.resize == "crop"
     assert TrainConfig().edit_prompts is not c.edit_prompts  # no shared mutable default
 
 
@@ -125,6 +126,7 @@ def test_file_errors(tmp_path):
     (["--temporal", "tam"], "temporal='tam' is not one of"),
     (["--temporal_norm", "batchnorm"], "temporal_norm='batchnorm' is not one of"),
     (["--resnet_norm", "group"], "resnet_norm='group' is not one of"),
+    (["--resize", "stretch"], "resize='stretch' is not one of crop, squash"),
     (["--device", "gpu"], "device='gpu' must be auto, cpu, cuda"),
     (["--fps", "0"], "fps=0 must be > 0"),
 ])
@@ -159,3 +161,20 @@ def test_resolve_precision():
     assert resolve_precision("fp32", cpu) == "fp32"
     if torch.cuda.is_available():
         assert resolve_precision("auto", torch.device("cuda")) in ("bf16", "fp16")
+
+
+def test_tav_config_is_tune_a_video_as_published():
+    """configs/tav.yaml: Tune-A-Video's modules (SCA + temporal attention) and its car-turn settings (its
+    configs/car-turn.yaml: 24 frames from 0 at stride 2, 512 px squashed, lr 3e-5, 500 steps, seed 33, guidance 12.5,
+    DDIM 50, gradient checkpointing)."""
+    from pathlib import Path
+
+    from ei2.train import video_options
+    from ei2.unet import VideoOptions
+
+    c = load_config(Path(__file__).resolve().parents[1] / "configs" / "tav.yaml")
+    assert video_options(c) == VideoOptions(frame_attention="sca", temporal="ta")
+    assert (c.n_frames, c.start, c.stride, c.size, c.resize) == (24, 0, 2, 512, "squash")
+    assert (c.learning_rate, c.steps, c.seed, c.guidance) == (3e-5, 500, 33, 12.5)
+    assert (c.inference_steps, c.inversion_steps, c.weight_decay, c.grad_clip) == (50, 50, 1e-2, 1.0)
+    assert c.gradient_checkpointing and c.caption == "a jeep car is moving on the road" and len(c.edit_prompts) == 4

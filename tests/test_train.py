@@ -17,6 +17,7 @@ from ei2.config import load_config
 from ei2.demo import write_random_model
 from ei2.edit import edit
 from ei2.errors import Ei2Error
+from ei2.errors import Ei2Error
 from ei2.train import main, run
 from ei2.tuned import load_tuned_unet, read_tuned_metadata
 from ei2.unet import is_temporal_key, is_trainable_key
@@ -171,6 +172,28 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
     assert json.loads((whole / "log.json").read_text())["loss"] == json.loads((part / "log.json").read_text())["loss"]
 
 
+def test_resize_reaches_the_frames(assets, tmp_path, monkeypatch):
+    import ei2.train
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(args + tuple(kwargs.values()))
+        raise Ei2Error("stop here")
+
+    monkeypatch.setattr(ei2.train, "read_frames", spy)
+    with pytest.raises(Ei2Error, match="stop here"):
+        run(cfg_for(assets, tmp_path / "o", resize="squash"), progress=False)
+    assert seen and "squash" in seen[0]
+
+
+def test_module_keys_reach_the_model(assets, tmp_path):
+    from ei2.train import video_options
+
+    assert video_options(cfg_for(assets, tmp_path, temporal_norm_trainable=True)).temporal_norm_trainable is True
+    assert video_options(cfg_for(assets, tmp_path, frame_attention="sca", temporal="ta")).temporal == "ta"
+
+
 def test_same_seed_same_result(assets, tmp_path):
     a = run(cfg_for(assets, tmp_path / "a", steps=2), progress=False)
     b = run(cfg_for(assets, tmp_path / "b", steps=2), progress=False)
@@ -269,3 +292,161 @@ def test_cli_error_has_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: ") and "Traceback" not in r.stderr
+
+
+# --- non-finite gradients with a finite loss: the step is skipped, on the device --------------------------------------
+
+
+def inject_inf_grad(monkeypatch, bad_steps: set[int], start: int = 0) -> None:
+    """The training job's first trainable tensor gets an inf gradient in the 1-based steps `bad_steps` (the loss stays
+    finite); `start` is the step a resumed run begins after. Hooked where ei2.train builds its optimizer."""
+    import ei2.train
+
+    real = ei2.train.make_optimizer
+
+    def with_hook(unet, *a, **k):
+        calls = {"n": start}
+        param = next(p for p in unet.parameters() if p.requires_grad)
+
+        def hook(grad):
+            calls["n"] += 1
+            return grad * float("inf") if calls["n"] in bad_steps else grad
+
+        param.register_hook(hook)
+        return real(unet, *a, **k)
+
+    monkeypatch.setattr(ei2.train, "make_optimizer", with_hook)
+
+
+@pytest.fixture(scope="module")
+def tiny_job(assets):
+    from ei2.pipeline import encode_video, load_models
+    from ei2.unet import VideoOptions
+
+    models = load_models(str(assets[0]), VideoOptions(), torch.device("cpu"), "fp32")
+    frames = read_frames(assets[1], N, size=SIZE)
+    return models, encode_video(models, frames), models.text.encode(["a red circle moving right"])
+
+
+def optimizer_state(optimizer) -> list[dict]:
+    return [{k: v.clone() for k, v in optimizer.state[p].items()} for g in optimizer.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_skipped_step_changes_nothing(tiny_job, fused):
+    """A step whose gradient is inf (finite loss) leaves the tuned tensors, AdamW's moments and its step count bit for
+    bit as they were, the step total advances and the skip is reported 1-based. Both optimizer kinds: fused (the
+    device-side `found_inf`, as on CUDA) and foreach (asked on the host, as on the CPU)."""
+    from ei2.pipeline import tune_steps
+
+    models, posterior, context = tiny_job
+    params = [p for p in models.unet.parameters() if p.requires_grad]
+    with torch.no_grad():
+        saved = [p.clone() for p in params]
+    try:
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2, fused=fused)
+        generator = torch.Generator().manual_seed(0)
+        synced, skipped = [], []
+
+        def tune(a, b):
+            tune_steps(models, posterior, context, optimizer, generator, a, b, 1.0, sync_every=2, progress=False,
+                       on_sync=lambda step, v: synced.append((step, v)), skipped=skipped)
+
+        tune(0, 3)
+        before, state = [p.detach().clone() for p in params], optimizer_state(optimizer)
+        handle = params[5].register_hook(lambda g: g * float("inf"))
+        tune(3, 4)
+        handle.remove()
+        assert skipped == [4] and synced[-1][0] == 4 and np.isfinite(synced[-1][1]).all()
+        assert all(torch.equal(a, b) for a, b in zip(before, params))
+        after = optimizer_state(optimizer)
+        assert all(s.keys() == t.keys() and all(torch.equal(s[k], t[k]) for k in s) for s, t in zip(state, after))
+        assert int(after[0]["step"]) == 3
+        tune(4, 5)  # the next finite step updates again
+        assert skipped == [4] and not torch.equal(before[0], params[0]) and int(optimizer_state(optimizer)[0]["step"]) == 4
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+            models.unet.zero_grad(set_to_none=True)
+
+
+def test_skips_logged_and_resume_repeats_them(assets, tmp_path, monkeypatch):
+    """log.json lists the skipped steps; a run resumed after a checkpoint skips the same ones and ends equal."""
+    inject_inf_grad(monkeypatch, {3, 4})
+    whole = run(cfg_for(assets, tmp_path / "whole", steps=6), progress=False)
+    assert json.loads((whole / "log.json").read_text())["skipped_steps"] == [3, 4]
+    part = tmp_path / "part"
+    run(cfg_for(assets, part, steps=4), progress=False)  # "interrupted" after its step-4 checkpoint, mid-way
+    assert read_tuned_metadata(part / "checkpoints/last.safetensors")["skipped_steps"] == [3, 4]
+    inject_inf_grad(monkeypatch, {3, 4}, start=4)
+    run(cfg_for(assets, part, steps=6), resume=True, progress=False)
+    a, b = read_state_dict(whole / "tuned.safetensors"), read_state_dict(part / "tuned.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_a, log_b = (json.loads((d / "log.json").read_text()) for d in (whole, part))
+    assert log_a["skipped_steps"] == log_b["skipped_steps"] == [3, 4] and log_a["loss"] == log_b["loss"]
+
+
+def test_ten_skips_in_a_row_stop_with_finite_checkpoint(assets, tmp_path, capsys, monkeypatch):
+    """Steps 3..12 skipped: one error line at step 12; the step-10 checkpoint holds the step-2 tensors and AdamW state
+    exactly (8 skipped steps changed nothing) with a step of 10; no tuned.safetensors. (Spectral norm's u, v are not
+    compared: every training forward, a skipped step's too, runs its power iteration.)"""
+    early = tmp_path / "early"
+    main(overrides(assets, early, steps=2, score="none") + ["--no-progress"])  # on the demo config, as error_of
+    inject_inf_grad(monkeypatch, set(range(3, 13)))
+    out = tmp_path / "o"
+    err = error_of(overrides(assets, out, steps=14), capsys)
+    assert "gradients were NaN/inf at steps 3-12" in err and "10 in a row" in err and "last good checkpoint" in err
+    ckpt = out / "checkpoints/last.safetensors"
+    meta = read_tuned_metadata(ckpt)
+    assert meta["step"] == 10 and meta["skipped_steps"] == list(range(3, 11))
+    got, ref = read_state_dict(ckpt), read_state_dict(early / "checkpoints/last.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in got.values())
+    kept = [k for k in ref if k.startswith(("model/", "optim/")) and not k.endswith((".u", ".v"))]
+    assert kept and all(torch.equal(got[k], ref[k]) for k in kept)
+    assert not (out / "tuned.safetensors").exists()
+
+
+def test_skip_streak_survives_resume(assets, tmp_path, monkeypatch):
+    """The count of skips in a row is part of the training state: 4 skips before the checkpoint and 6 after it stop
+    the resumed run, as 10 in one run would."""
+    out = tmp_path / "o"
+    inject_inf_grad(monkeypatch, {1, 2, 3, 4})
+    run(cfg_for(assets, out, steps=4), progress=False)
+    inject_inf_grad(monkeypatch, set(range(5, 11)), start=4)
+    with pytest.raises(Ei2Error, match="steps 1-10"):
+        run(cfg_for(assets, out, steps=12), resume=True, progress=False)
+
+
+def test_non_finite_weights_are_never_saved(assets, tmp_path, capsys, monkeypatch):
+    """Were an inf gradient applied (the skip switched off), the weights would turn NaN: step 4's update, after its
+    finite loss and right before the step-4 checkpoint; that checkpoint is refused with one line, the step-2 one
+    stays."""
+    import ei2.pipeline
+
+    monkeypatch.setattr(ei2.pipeline, "step_unless_skipped", lambda optimizer, ok: optimizer.step())
+    inject_inf_grad(monkeypatch, {4})
+    out = tmp_path / "o"
+    err = error_of(overrides(assets, out, steps=6), capsys)
+    assert "NaN/inf at step 4 and were not saved" in err and "last good checkpoint" in err
+    assert read_tuned_metadata(out / "checkpoints/last.safetensors")["step"] == 2
+    assert all(torch.isfinite(t.float()).all() for t in read_state_dict(out / "checkpoints/last.safetensors").values())
+
+
+# --- VAE: the clip is encoded in fp32 in every job -------------------------------------------------------------------
+
+
+def test_bf16_job_encodes_the_clip_in_fp32(assets):
+    """In a bf16 job the decoder is stored in bf16, the encoder is not: encode_video's posterior equals an fp32 VAE's
+    bit for bit (fp32 moments), and decoding runs in bf16."""
+    from ei2.pipeline import decode, encode_video, load_models
+    from ei2.unet import VideoOptions
+
+    models = load_models(str(assets[0]), VideoOptions(), torch.device("cpu"), "bf16")
+    frames = read_frames(assets[1], N, size=SIZE)
+    got = encode_video(models, frames)
+    ref = AutoencoderKL.from_pretrained(assets[0]).encode(frames, chunk=4)
+    assert got.mean.dtype == got.logvar.dtype == torch.float32
+    assert torch.equal(got.mean, ref.mean) and torch.equal(got.logvar, ref.logvar)
+    assert models.vae.decoder.conv_in.weight.dtype == models.vae.post_quant_conv.weight.dtype == torch.bfloat16
+    assert decode(models, got.mean[:1] * models.vae.config.scaling_factor).shape == (1, 3, SIZE, SIZE)

@@ -110,6 +110,32 @@ def test_resize_short_side_then_center_crop(tmp_path):
     np.testing.assert_array_equal(back_to_uint8(x)[0], expected)
 
 
+def test_squash_keeps_the_whole_frame(tmp_path):
+    """Tune-A-Video's resize: a 256 x 128 frame of four 64-column stripes (green | red | blue | yellow) squashed to
+    64 x 64 keeps all four, each 16 columns wide; crop keeps only the middle two (red | blue), 32 columns each."""
+    colors = [(0, 255, 0), (255, 0, 0), (0, 0, 255), (255, 255, 0)]
+    img = np.zeros((128, 256, 3), np.uint8)
+    for i, c in enumerate(colors):
+        img[:, 64 * i:64 * (i + 1)] = c
+    folder = write_folder(tmp_path / "f", [img])
+
+    def stripes(kept):  # the hand-computed 64 x 64 frame, and its columns 2 or more pixels from a stripe border
+        width = 64 // len(kept)
+        expected = np.concatenate([np.broadcast_to(np.uint8(c), (64, width, 3)) for c in kept], axis=1)
+        border = np.arange(64) % width
+        return expected, (border >= 2) & (border < width - 2)
+
+    squash = back_to_uint8(read_frames(folder, n_frames=1, size=64, resize="squash"))[0]
+    expected, inner = stripes(colors)
+    np.testing.assert_array_equal(squash[:, inner], expected[:, inner])
+    crop = back_to_uint8(read_frames(folder, n_frames=1, size=64, resize="crop"))[0]
+    expected, inner = stripes(colors[1:3])
+    np.testing.assert_array_equal(crop[:, inner], expected[:, inner])
+    assert read_frames(folder, n_frames=1, size=64).equal(read_frames(folder, n_frames=1, size=64, resize="crop"))
+    with pytest.raises(Ei2Error, match="resize='stretch' is not one of crop, squash"):
+        read_frames(folder, n_frames=1, size=64, resize="stretch")
+
+
 @pytest.mark.parametrize("kind", ["mp4", "gif", "folder"])
 def test_start_and_stride_pick_the_right_frames(tmp_path, kind):
     src = gray_clip(10)
