@@ -8,15 +8,23 @@ Latent layouts: the VAE works on frames (n, 4, h, w); the UNet on a video (1, 4,
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import gc
+import os
+import platform
+import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from tqdm.auto import tqdm
 
-from . import ddim
+from . import __version__, ddim
 from .errors import Ei2Error
 from .text import TextEncoder
 from .unet import UNet, VideoOptions, mark_trainable
@@ -306,3 +314,126 @@ def decode(models: Models, latents: torch.Tensor, chunk: int = 4) -> torch.Tenso
     """(n, 4, h, w) scaled latents -> (n, 3, H, W) images in [-1, 1], a few frames at a time (VAE memory)."""
     out = [models.vae.decode_latents(latents[i:i + chunk]).float().clamp(-1, 1) for i in range(0, len(latents), chunk)]
     return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measurement: one meter for train, the mini benchmark and benchmarks/bench
+
+
+def versions(device: torch.device) -> dict:
+    info = {"ei2": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    """A `kB` line of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current resident set (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    """Give the C heap's free pages back to the OS (glibc), so the resident set tracks live memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class Phase:
+    """Wall time and peak memory of the code inside `with`.
+
+    seconds: wall time (CUDA synchronized at both ends). peak_bytes: the absolute high-water mark during the phase;
+    increase_bytes: that peak over the memory in use at the start (`peak_gib`, `increase_gib`, `*_mib` the same in
+    GiB/MiB; None where not measurable). CUDA: allocated bytes (max_memory_allocated after reset_peak_memory_stats:
+    weights, activations, optimizer states, not the allocator's cache). CPU: the process's resident set, VmHWM reset
+    through /proc/self/clear_refs, else VmRSS sampled every 5 ms. Garbage is collected and free memory (CUDA cache,
+    C heap) returned first, so the start reflects live memory. memory=False times only (for a phase nested in a
+    measured one: resetting the peak would cut the outer measurement)."""
+
+    def __init__(self, device: torch.device, memory: bool = True):
+        self.device, self.memory = torch.device(device), memory
+        self.seconds: float | None = None
+        self.start_bytes: int | None = None
+        self.peak_bytes: int | None = None
+        self._hwm = False
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._read_rss()
+
+    def _read_rss(self) -> None:
+        rss = _proc_status_bytes("VmRSS")
+        if rss is not None:
+            self.peak_bytes = max(self.peak_bytes or 0, rss)
+
+    def __enter__(self):
+        if self.memory:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(self.device)
+                self.start_bytes = torch.cuda.memory_allocated(self.device)
+            else:
+                _malloc_trim()
+                self._hwm = _reset_peak_rss()
+                self.start_bytes = self.peak_bytes = _proc_status_bytes("VmRSS")
+                if not self._hwm and self.start_bytes is not None:
+                    self._thread = threading.Thread(target=self._sample, daemon=True)
+                    self._thread.start()
+        self._sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._sync()
+        self.seconds = time.perf_counter() - self._t0
+        if not self.memory:
+            return False
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self._hwm:
+            self.peak_bytes = _proc_status_bytes("VmHWM")
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._read_rss()
+        return False
+
+    @property
+    def increase_bytes(self) -> int | None:
+        if self.peak_bytes is None or self.start_bytes is None:
+            return None
+        return max(0, self.peak_bytes - self.start_bytes)
+
+    peak_gib = property(lambda self: _scaled(self.peak_bytes, 2**30))
+    increase_gib = property(lambda self: _scaled(self.increase_bytes, 2**30))
+    peak_mib = property(lambda self: _scaled(self.peak_bytes, 2**20))
+    increase_mib = property(lambda self: _scaled(self.increase_bytes, 2**20))
+
+
+def _scaled(n: int | None, unit: int) -> float | None:
+    return None if n is None else n / unit
