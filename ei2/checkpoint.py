@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from .errors import Ei2Error
+from .files import atomic_path, first_line as _first_line, read_json
 
 SAFETENSORS = (".safetensors",)
 PICKLED = (".ckpt", ".pt", ".pth", ".bin")
@@ -88,23 +89,6 @@ def load_exact(
                 t.copy_(state_dict[k].to(dtype=t.dtype))
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path `.<stem>.<random>.tmp<ext>` next to `path` (same extension, so writers that pick the
-    format from it, ffmpeg and Pillow, work); on success it is renamed onto `path`, on failure it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Write tensors as safetensors atomically (metadata values must be strings)."""
     from safetensors.torch import save_file
@@ -112,23 +96,6 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    import json
-
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise Ei2Error(f"config file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Ei2Error(f"{path} is not valid JSON ({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
 
 
 # --- Locating one component (unet, vae, text_encoder) of a Stable Diffusion model -----------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from .attention import FRAME_ATTENTIONS, TEMPORAL_NORMS
-from .checkpoint import atomic_path
+from .files import atomic_path
 from .errors import Ei2Error
 from .video import RESIZES
 

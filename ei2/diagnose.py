@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_path
+from .files import atomic_path
 from .errors import Ei2Error, cli_main
 from .stats import RunningStats, location_stats
 

@@ -20,7 +20,8 @@ from .checkpoint import read_state_dict
 from .config import load_config
 from .errors import Ei2Error, cli_main
 from .pipeline import load_models, render, resolve_device, resolve_precision
-from .train import slug, video_options, write_clip, write_json
+from .files import slug, write_json
+from .train import video_options, write_clip
 from .tuned import load_tuned
 from .video import to_uint8
 

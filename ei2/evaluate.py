@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import _first_line, atomic_path
+from .files import atomic_path, first_line
 from .errors import Ei2Error, cli_main
 from .pipeline import resolve_device
 from .stats import frame_consistency, textual_alignment
@@ -81,7 +81,7 @@ class ClipScorer:
             self.processor = _image_processor_class().from_pretrained(str(folder), local_files_only=True)
             self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception as e:
-            raise Ei2Error(f"could not load CLIP from {folder} ({_first_line(e)}); {clip_hint(folder)}") from None
+            raise Ei2Error(f"could not load CLIP from {folder} ({first_line(e)}); {clip_hint(folder)}") from None
         self.folder, self.device, self.batch = folder, torch.device(device), batch
         self.model = self.model.float().eval().requires_grad_(False).to(self.device)
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
@@ -159,7 +159,7 @@ def read_all_frames(path: str | Path, max_frames: int | None = None) -> list[np.
     except Ei2Error:
         raise
     except Exception as e:
-        raise Ei2Error(f"could not read video {path} ({_first_line(e)}); is it a valid, complete video?") from None
+        raise Ei2Error(f"could not read video {path} ({first_line(e)}); is it a valid, complete video?") from None
     if not frames:
         raise Ei2Error(f"video {path} has no frames")
     return frames
@@ -182,7 +182,7 @@ def _read_json(path: Path, what: str):
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Ei2Error(f"could not read {what} {path} ({_first_line(e)})") from None
+        raise Ei2Error(f"could not read {what} {path} ({first_line(e)})") from None
 
 
 def _video_of(run: Path, entry: dict, stem: str) -> Path:
@@ -220,7 +220,7 @@ def evaluate_run(run_dir: str | Path, scorer: ClipScorer, max_frames: int | None
     try:
         config = yaml.safe_load((run / "config.yaml").read_text()) or {}
     except yaml.YAMLError as e:
-        raise Ei2Error(f"{run / 'config.yaml'} is not valid YAML ({_first_line(e)})") from None
+        raise Ei2Error(f"{run / 'config.yaml'} is not valid YAML ({first_line(e)})") from None
     edits = _read_json(run / "edits.json", "edit list") if (run / "edits.json").is_file() else []
     log = _read_json(run / "log.json", "run log") if (run / "log.json").is_file() else None
     edit_s = (log or {}).get("timings", {}).get("edit_s", [])

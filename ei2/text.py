@@ -19,9 +19,10 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import SINGLE_FILE, _first_line, load_exact, read_state_dict, save_safetensors
+from .checkpoint import SINGLE_FILE, load_exact, read_state_dict, save_safetensors
 from .convert import compvis_text_key_map, from_compvis
 from .errors import Ei2Error
+from .files import first_line
 
 MAX_LENGTH = 77
 PUBLISHED_PREFIX = "text_model."
@@ -70,7 +71,7 @@ def load_tokenizer(folder: str | os.PathLike):
     try:
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:
-        raise Ei2Error(f"could not read the tokenizer in {folder} ({_first_line(e)}); re-download it") from None
+        raise Ei2Error(f"could not read the tokenizer in {folder} ({first_line(e)}); re-download it") from None
 
 
 class TextEncoder(nn.Module):
@@ -124,7 +125,7 @@ class TextEncoder(nn.Module):
             # dtype is applied after loading: transformers 4 calls the argument torch_dtype and 5 calls it dtype
             model, info = CLIPTextModel.from_pretrained(str(te), local_files_only=True, output_loading_info=True)
         except Exception as e:
-            raise Ei2Error(f"could not load the text encoder in {te} ({_first_line(e)}); re-download it") from None
+            raise Ei2Error(f"could not load the text encoder in {te} ({first_line(e)}); re-download it") from None
         # from_pretrained only warns about tensors the file lacks and initialises them at random: refuse instead
         if info.get("missing_keys") or info.get("mismatched_keys"):
             bad = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]

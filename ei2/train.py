@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import platform
-import re
 import resource
 import sys
 import time
@@ -27,9 +26,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import atomic_path, save_safetensors
+from .checkpoint import save_safetensors
 from .config import describe_keys, load_config, save_config
 from .errors import Ei2Error, cli_main
+from .files import slug, write_json
 from .pipeline import (MAX_SKIPS, NonFiniteGradients, NonFiniteLoss, all_finite, check_model, encode_video, invert,
                        load_models, make_optimizer, render, resolve_device, resolve_precision, tune_steps)
 from .tuned import (load_training_state, read_tuned_metadata, save_training_state, save_tuned,
@@ -48,10 +48,6 @@ RESUMABLE = {"steps", "checkpoint_every", "compile", "recompute_activations", "g
 
 def video_options(cfg) -> VideoOptions:
     return VideoOptions(**{k: getattr(cfg, k) for k in VIDEO_KEYS})
-
-
-def slug(text: str, limit: int = 48) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "edit"
 
 
 class Memory:
@@ -80,11 +76,6 @@ def versions(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def write_json(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2))
 
 
 def write_clip(frames_uint8, stem: Path, fps: int) -> dict:

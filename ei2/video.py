@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint import atomic_path
+from .files import atomic_path, first_line
 from .errors import Ei2Error
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -71,7 +71,7 @@ def read_frames(
             raise
         except Exception as e:  # imageio-ffmpeg raises OSError/RuntimeError, Pillow OSError/ValueError/EOFError
             raise Ei2Error(
-                f"could not read video {path} ({_first_line(e)}); is it a valid, complete video file?"
+                f"could not read video {path} ({first_line(e)}); is it a valid, complete video file?"
             ) from None
         finally:
             with contextlib.suppress(Exception):
@@ -123,7 +123,7 @@ def _open_image(path: Path) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
     except Exception as e:
-        raise Ei2Error(f"could not read image {path} ({_first_line(e)}); remove or replace it") from None
+        raise Ei2Error(f"could not read image {path} ({first_line(e)}); remove or replace it") from None
 
 
 def _iter_image(path: Path) -> Iterator[Image.Image]:
@@ -180,17 +180,6 @@ def _resize_crop(im: Image.Image, size: int) -> Image.Image:
     return im
 
 
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message; for imageio-ffmpeg, also ffmpeg's last stderr line (its verdict)."""
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    text = lines[0]
-    if "=== stderr ===" in lines and lines[-1] != "=== stderr ===":
-        text += ": " + re.sub(r"^\[[^\]]*\]\s*", "", lines[-1])
-    return text[:300]
-
-
 # --- Writing ------------------------------------------------------------------------------------------------------
 
 
@@ -200,9 +189,6 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
         raise ValueError(f"expected frames of shape (n, 3, H, W), got {tuple(frames.shape)}")
     x = ((frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
-
-
-atomic_file = atomic_path  # the checkpoint module's atomic writer keeps the extension
 
 
 def _check_frame(frame, shape: tuple[int, ...] | None, index: int) -> np.ndarray:
@@ -227,7 +213,7 @@ def write_video(frames: np.ndarray | Sequence[np.ndarray], path: str | os.PathLi
     if not fps > 0:
         raise Ei2Error(f"fps={fps!r} must be > 0")
     shape = _check_frame(frames[0], None, 0).shape
-    with atomic_file(path) as tmp:
+    with atomic_path(path) as tmp:
         if ext == ".gif":
             _write_gif(frames, shape, tmp, fps)
         else:
@@ -279,7 +265,7 @@ def write_image(array: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 (H, W, 3) image atomically (format from the extension, normally .png). Returns the path."""
     path = Path(path)
     array = _check_frame(array, None, 0)
-    with atomic_file(path) as tmp:
+    with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp)
     return path
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import diagnose as diag
-from ..checkpoint import atomic_path
+from ..files import atomic_path
 from ..errors import Ei2Error, cli_main
 from ..pipeline import (encode_video, invert, load_models, make_optimizer, render, resolve_device, resolve_precision,
                         tune_steps)

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import atomic_path, save_safetensors
+from ..checkpoint import save_safetensors
+from ..files import atomic_path
 from ..ddim import add_noise
 from ..errors import Ei2Error, cli_main
 from ..text import TextEncoder, write_tiny_text_model
