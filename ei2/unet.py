@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +113,57 @@ class VideoOptions:
             raise Ei2Error(f"ratio={self.ratio!r}: the FFAM ratio r must be an integer >= 1")
         if not isinstance(self.temporal_norm_trainable, bool):
             raise Ei2Error(f"temporal_norm_trainable={self.temporal_norm_trainable!r} is not true or false")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One variant of the paper: `label` as tables print it, `paper` what the paper calls it, `module` its temporal
+    module alone (for tools that set the frame attention separately), the VideoOptions, and whether it is tuned."""
+
+    label: str
+    paper: str
+    module: str
+    video: VideoOptions
+    tuned: bool = True  # False: the image model as loaded, no tuning
+
+    def options(self, **overrides) -> VideoOptions:
+        """A fresh copy of the variant's VideoOptions, with `overrides` (e.g. frame_attention) replaced."""
+        return replace(self.video, **overrides)
+
+
+_TA = "Tune-A-Video TA: LayerNorm (affine frozen), plain W_v, W_L (W_L = 0 at creation)"
+_STAM = "EI² STAM: Instance Centering, spectral norm, b = 0 at creation"
+
+
+def _fig4(norm: str, **kw) -> VideoOptions:  # Fig. 4 ablation: SCA fixed, TA with another norm, no spectral norm
+    return VideoOptions(frame_attention="sca", temporal="ta", temporal_norm=norm, spectral_norm=False, **kw)
+
+
+# The paper's variants, read by every tool (ei2.mini.benchmark --methods names them by key, ei2.diagnose --compare by
+# its temporal-module names, ei2.evaluate's Table 1 rows, benchmarks/bench). Tune-A-Video keeps the LayerNorm's affine
+# frozen at its identity init, so `tav` computes what Fig. 4's "LayerNorm*" computes.
+VARIANTS: dict[str, Variant] = {
+    "ei2": Variant("EI² (FFAM r=2 + STAM)", "EI² (FFAM + STAM)", _STAM,
+                   VideoOptions(frame_attention="ffam", ratio=2, temporal="stam")),
+    "tav": Variant("Tune-A-Video (SCA + TA, LayerNorm, affine frozen)", "Tune-A-Video (SCA + TA)", _TA,
+                   VideoOptions(frame_attention="sca", temporal="ta")),
+    "sca_stam": Variant("SCA + STAM (TAV with TA -> STAM)", "SCA + STAM", _STAM,
+                        VideoOptions(frame_attention="sca", temporal="stam")),
+    "ffam_ta": Variant("FFAM r=2 + TA (EI² with STAM -> TA)", "FFAM + TA", _TA,
+                       VideoOptions(frame_attention="ffam", ratio=2, temporal="ta")),
+    "ta_ln": Variant("SCA + TA, LayerNorm with its affine tuned (Fig. 4 LayerNorm)", "Fig. 4 LayerNorm",
+                     "TA with LayerNorm's affine tuned (Fig. 4 LayerNorm)",
+                     _fig4("layernorm", temporal_norm_trainable=True)),
+    "ta_ln_noaffine": Variant("SCA + TA, LayerNorm w/o affine (Fig. 4 LayerNorm*)", "Fig. 4 LayerNorm*",
+                              "TA with LayerNorm without affine (Fig. 4 LayerNorm*)", _fig4("layernorm_noaffine")),
+    "ta_no_norm": Variant("SCA + TA, no norm (Fig. 4)", "Fig. 4 No Norm", "TA without norm (Fig. 4)", _fig4("none")),
+    "ta_instancenorm": Variant("SCA + TA, InstanceNorm (Fig. 4)", "Fig. 4 InstanceNorm",
+                               "TA with InstanceNorm over frames (Fig. 4)", _fig4("instancenorm")),
+    "ta_ic": Variant("SCA + TA, Instance Centering, no SN (Fig. 4)", "Fig. 4 IC (without spectral norm)",
+                     "TA with Instance Centering, no spectral norm (Fig. 4)", _fig4("ic")),
+    "untuned": Variant("image model frame by frame, untuned (floor)", "the image model (SD v1-4)", "none",
+                       VideoOptions(frame_attention="self", temporal="none", resnet_norm="frame"), tuned=False),
+}
 
 
 # --- Building blocks, named as in the published checkpoint -------------------------------------------------------------
