@@ -14,6 +14,7 @@ from .attention import (FRAME_ATTENTIONS, TEMPORAL_NORMS, Attention, FrameAttent
                         temporal_module)
 from .errors import Ei2Error
 from .norms import GroupNorm, LayerNorm, group_norm
+from .weights import load_exact, open_component, unet_state_dict
 
 
 @dataclass
@@ -74,6 +75,10 @@ class UNetConfig:
         }
 
 
+TEMPORALS = ("stam", "ta", "none")  # the module after each feed-forward (VideoOptions.temporal)
+RESNET_NORMS = ("video", "frame")  # GroupNorm statistics over all frames or per frame
+
+
 @dataclass
 class VideoOptions:
     """How the image UNet is inflated for video (section 4 of the paper; Tune-A-Video for the baseline).
@@ -102,9 +107,9 @@ class VideoOptions:
     def __post_init__(self):
         checks = [
             ("frame_attention", self.frame_attention, FRAME_ATTENTIONS),
-            ("temporal", self.temporal, ("stam", "ta", "none")),
+            ("temporal", self.temporal, TEMPORALS),
             ("temporal_norm", self.temporal_norm, (None,) + TEMPORAL_NORMS),
-            ("resnet_norm", self.resnet_norm, ("video", "frame")),
+            ("resnet_norm", self.resnet_norm, RESNET_NORMS),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -479,8 +484,6 @@ class UNet(nn.Module):
         `video_options` are the fields of VideoOptions (frame_attention, ratio, temporal, temporal_norm,
         spectral_norm, resnet_norm, temporal_norm_trainable). The temporal modules are not in SD's file: they are
         created fresh."""
-        from .checkpoint import load_exact, open_component, read_state_dict
-
         unknown = set(video_options) - set(VideoOptions.__dataclass_fields__)
         if unknown:
             raise Ei2Error(f"unknown video option(s) {sorted(unknown)}; valid: {list(VideoOptions.__dataclass_fields__)}")
@@ -488,12 +491,7 @@ class UNet(nn.Module):
         if config is None:
             config = UNetConfig.from_dict(component.config) if component.config else UNetConfig()
         model = cls(config, VideoOptions(**video_options))
-        state = read_state_dict(component.weights)
-        if component.single_file:
-            from .convert import compvis_unet_key_map, from_compvis
-
-            state = from_compvis(state, compvis_unet_key_map(config), str(component.weights))
-        load_exact(model, state, f"UNet weights {component.weights}", fresh=is_temporal_key)
+        load_exact(model, unet_state_dict(component, config), f"UNet weights {component.weights}", fresh=is_temporal_key)
         return model.to(device=device, dtype=dtype)
 
 
