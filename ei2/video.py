@@ -1,5 +1,5 @@
 """Video in and out: read n frames of an mp4 / gif / folder of images as a model-sized tensor, write mp4 / gif / png
-atomically, lay clips side by side or in a grid, and draw a small synthetic clip for demos and tests.
+atomically, lay clips side by side or in a grid.
 
 Frames travel as torch tensors (n, 3, H, W) in [-1, 1] into the model and as uint8 arrays (n, H, W, 3) out of it.
 """
@@ -325,82 +325,3 @@ def frame_grid(clips: Sequence[np.ndarray], labels: Sequence[str] | None = None)
         rows.append(row)
     return np.ascontiguousarray(np.concatenate(rows, axis=0))
 
-
-# --- Synthetic scenes ---------------------------------------------------------------------------------------------
-
-COLORS = {
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
-    "orange": (245, 130, 20), "purple": (130, 40, 170), "pink": (240, 110, 180), "cyan": (20, 200, 210),
-    "white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128),
-}
-SHAPES = ("circle", "square", "triangle", "star")
-STAR_INNER = float(np.sin(np.pi / 10) / np.sin(3 * np.pi / 10))  # a regular five-pointed star (pentagram)
-
-
-def _rgb(color) -> np.ndarray:
-    if isinstance(color, str):
-        if color not in COLORS:
-            raise ValueError(f"unknown color {color!r}; one of {', '.join(COLORS)}")
-        color = COLORS[color]
-    return np.asarray(color, dtype=np.uint8)
-
-
-def inside_polygon(x: np.ndarray, y: np.ndarray, poly: np.ndarray) -> np.ndarray:
-    """Even-odd rule for the points (x, y) against the polygon's vertices (k, 2)."""
-    inside = np.zeros(x.shape, dtype=bool)
-    for (x0, y0), (x1, y1) in zip(poly, np.roll(poly, -1, axis=0)):
-        crosses = (y0 > y) != (y1 > y)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            xc = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
-        inside ^= crosses & (x < xc)
-    return inside
-
-
-def shape_mask(shape: str, center: tuple[float, float], radius: float, size: int) -> np.ndarray:
-    """Boolean (size, size) mask of a shape inscribed in the circle (center=(x, y), radius), pixel centers sampled
-    (no anti-aliasing). Squares are axis-aligned, triangles and stars point up."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    cx, cy = center
-    if shape == "circle":
-        return (x - cx) ** 2 + (y - cy) ** 2 <= radius**2
-    if shape == "square":
-        half = radius / np.sqrt(2)
-        return (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
-    if shape in ("triangle", "star"):
-        k = 3 if shape == "triangle" else 10
-        r = np.full(k, radius) if shape == "triangle" else np.where(np.arange(k) % 2 == 0, radius, STAR_INNER * radius)
-        angles = -np.pi / 2 + 2 * np.pi * np.arange(k) / k
-        poly = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1)
-        return inside_polygon(x, y, poly)
-    raise ValueError(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}")
-
-
-def draw_scene(shape: str, color, background, center: tuple[float, float], radius: float, size: int) -> np.ndarray:
-    """A uint8 (size, size, 3) image: one `shape` (circle/square/triangle/star) of `color` (a name of COLORS or an RGB
-    tuple) centered at (x, y) with circumradius `radius`, on a plain `background` (name or RGB)."""
-    img = np.empty((size, size, 3), dtype=np.uint8)
-    img[:] = _rgb(background)
-    img[shape_mask(shape, center, radius, size)] = _rgb(color)
-    return img
-
-
-def demo_frames(n_frames: int = 8, size: int = 64, seed: int = 0) -> np.ndarray:
-    """uint8 (n, size, size, 3): a red circle moving left to right on white; radius and height from the seed."""
-    rng = np.random.default_rng(seed)
-    radius = size * rng.uniform(0.12, 0.2)
-    cy = rng.uniform(radius, size - radius)
-    xs = np.linspace(radius, size - radius, n_frames) if n_frames > 1 else [size / 2]
-    return np.stack([draw_scene("circle", "red", "white", (float(cx), cy), radius, size) for cx in xs])
-
-
-def make_demo_clip(folder_or_path: str | os.PathLike, n_frames: int = 8, size: int = 64, seed: int = 0) -> Path:
-    """Write `demo_frames` to a .gif or .mp4 path, or otherwise as frame_0000.png ... into that folder; returns the
-    path. The same arguments always give the same pixels (and, for gif and png, the same bytes)."""
-    path = Path(folder_or_path)
-    frames = demo_frames(n_frames, size, seed)
-    if path.suffix.lower() in (".gif", ".mp4"):
-        return write_video(frames, path, fps=8)
-    path.mkdir(parents=True, exist_ok=True)
-    for i, frame in enumerate(frames):
-        write_image(frame, path / f"frame_{i:04d}.png")
-    return path

@@ -1,10 +1,15 @@
-"""The miniature world: determinism under a seed, the caption grammar, geometry and motion of the clips."""
+"""The miniature world: determinism under a seed, the caption grammar, geometry and motion of the clips, the
+hard-edged drawing and the project's demo clip."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ei2.mini import world
-from ei2.text import _bpe, tiny_bpe
+from ei2.mini.tokenizer import _bpe, tiny_bpe
+from ei2.video import read_frames, to_uint8
 
 
 def test_dataset_is_deterministic_under_a_seed():
@@ -124,3 +129,45 @@ def test_two_object_scenes_do_not_overlap():
         a, b = s.objects
         assert np.hypot(a.center[0] - b.center[0], a.center[1] - b.center[1]) >= a.radius + b.radius
         assert (a.shape, a.color) != (b.shape, b.color)
+
+
+# --- the hard-edged drawing and the project's demo clip ------------------------------------------------------------
+
+
+def test_draw_scene_shapes():
+    areas = {}
+    for shape in world.SHAPES:
+        img = world.draw_scene(shape, "blue", "white", (32, 32), 20, 64)
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+        mask = (img == (30, 70, 220)).all(-1)
+        assert mask.any() and ((img == 255).all(-1) | mask).all()
+        np.testing.assert_array_equal(mask, world.shape_mask(shape, (32, 32), 20, 64))
+        ys, xs = np.nonzero(mask)
+        assert ((xs + 0.5 - 32) ** 2 + (ys + 0.5 - 32) ** 2 <= 20**2 + 1e-6).all()  # inscribed in the circle
+        areas[shape] = mask.sum()
+    assert areas["circle"] > areas["square"] > areas["triangle"] > areas["star"]
+    assert np.array_equal(world.draw_scene("circle", (1, 2, 3), (4, 5, 6), (10, 10), 3, 16)[0, 0], (4, 5, 6))
+    with pytest.raises(ValueError):
+        world.draw_scene("hexagon", "red", "white", (8, 8), 4, 16)
+
+
+def test_make_demo_clip_is_deterministic_and_moves_right(tmp_path):
+    a = world.make_demo_clip(tmp_path / "a.gif", seed=1)
+    b = world.make_demo_clip(tmp_path / "b.gif", seed=1)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != world.make_demo_clip(tmp_path / "c.gif", seed=2).read_bytes()
+    folder = world.make_demo_clip(tmp_path / "frames", n_frames=8, size=64, seed=1)
+    assert len(list(folder.glob("*.png"))) == 8
+    x, y = read_frames(a, n_frames=8, size=64), read_frames(folder, n_frames=8, size=64)
+    torch.testing.assert_close(x, y, rtol=0, atol=0)
+    red = (to_uint8(x) == (220, 30, 30)).all(-1)  # (n, H, W)
+    cx = [np.nonzero(m)[1].mean() for m in red]
+    assert all(c1 > c0 for c0, c1 in zip(cx, cx[1:]))
+    assert (to_uint8(x)[:, 0, 0] == 255).all()  # white background
+
+
+def test_committed_demo_clip_is_make_demo_clip(tmp_path):
+    """assets/demo/red-circle.gif (configs/demo.yaml's video) is make_demo_clip's default output."""
+    committed = Path(__file__).resolve().parents[1] / "assets" / "demo" / "red-circle.gif"
+    fresh = world.make_demo_clip(tmp_path / "c.gif")
+    np.testing.assert_array_equal(to_uint8(read_frames(fresh, 8, size=64)), to_uint8(read_frames(committed, 8, size=64)))

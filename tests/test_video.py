@@ -1,4 +1,4 @@
-"""ei2.video: reading frames from mp4 / gif / folders, atomic writing, layouts and the synthetic demo clip."""
+"""ei2.video: reading frames from mp4 / gif / folders, atomic writing, layouts."""
 
 import numpy as np
 import pytest
@@ -6,14 +6,10 @@ import torch
 from PIL import Image
 
 from ei2.errors import Ei2Error
+from ei2.mini.world import demo_frames, make_demo_clip
 from ei2.video import (
-    SHAPES,
-    demo_frames,
-    draw_scene,
     frame_grid,
-    make_demo_clip,
     read_frames,
-    shape_mask,
     side_by_side,
     to_uint8,
     write_image,
@@ -310,38 +306,3 @@ def test_frame_grid():
     out = frame_grid([a, b], labels=["source", "edit"])
     assert out.shape == (2 * (32 + 16), 96, 3)
     np.testing.assert_array_equal(out[48 + 16:, 72:], b[3])
-
-
-# --- synthetic scenes ---------------------------------------------------------------------------------------------
-
-
-def test_draw_scene_shapes():
-    areas = {}
-    for shape in SHAPES:
-        img = draw_scene(shape, "blue", "white", (32, 32), 20, 64)
-        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
-        mask = (img == (30, 70, 220)).all(-1)
-        assert mask.any() and ((img == 255).all(-1) | mask).all()
-        np.testing.assert_array_equal(mask, shape_mask(shape, (32, 32), 20, 64))
-        ys, xs = np.nonzero(mask)
-        assert ((xs + 0.5 - 32) ** 2 + (ys + 0.5 - 32) ** 2 <= 20**2 + 1e-6).all()  # inscribed in the circle
-        areas[shape] = mask.sum()
-    assert areas["circle"] > areas["square"] > areas["triangle"] > areas["star"]
-    assert np.array_equal(draw_scene("circle", (1, 2, 3), (4, 5, 6), (10, 10), 3, 16)[0, 0], (4, 5, 6))
-    with pytest.raises(ValueError):
-        draw_scene("hexagon", "red", "white", (8, 8), 4, 16)
-
-
-def test_make_demo_clip_is_deterministic_and_moves_right(tmp_path):
-    a = make_demo_clip(tmp_path / "a.gif", seed=1)
-    b = make_demo_clip(tmp_path / "b.gif", seed=1)
-    assert a.read_bytes() == b.read_bytes()
-    assert a.read_bytes() != make_demo_clip(tmp_path / "c.gif", seed=2).read_bytes()
-    folder = make_demo_clip(tmp_path / "frames", n_frames=8, size=64, seed=1)
-    assert len(list(folder.glob("*.png"))) == 8
-    x, y = read_frames(a, n_frames=8, size=64), read_frames(folder, n_frames=8, size=64)
-    torch.testing.assert_close(x, y, rtol=0, atol=0)
-    red = (to_uint8(x) == (220, 30, 30)).all(-1)  # (n, H, W)
-    cx = [np.nonzero(m)[1].mean() for m in red]
-    assert all(c1 > c0 for c0, c1 in zip(cx, cx[1:]))
-    assert (to_uint8(x)[:, 0, 0] == 255).all()  # white background

@@ -10,26 +10,29 @@ Everything is a pure function of its arguments and a `numpy.random.Generator`, s
     clip:    N_FRAMES (8) frames of one object in one of MOTIONS (translation left/right/up/down, bouncing, orbiting,
              growing, shrinking); every frame is a full scene, the caption names the motion.
 
-Geometry matches `ei2.video.draw_scene` (the project's demo clip): an object is given by its center (x, y) in pixels
-and its circumradius; squares are axis-aligned, triangles and stars point up; the RGB values of the colors are the same.
-Edges are anti-aliased by 4x4 supersampling (a softer target for the tiny VAE); objects always lie fully inside the
-frame and their color is never the background's.
+An object is given by its center (x, y) in pixels and its circumradius; squares are axis-aligned, triangles and stars
+point up. Scenes' edges are anti-aliased by 4x4 supersampling (a softer target for the tiny VAE); objects always lie
+fully inside the frame and their color is never the background's. The project's demo clip (`make_demo_clip`, a red
+circle moving right on white, assets/demo/red-circle.gif) is drawn with the same geometry and palette, hard-edged
+(`draw_scene`: pixel centers sampled), so it lies inside this world.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
-from ..video import inside_polygon  # the demo clip's drawing code, so the two worlds share one geometry
+from ..video import write_image, write_video
 
 SIZE = 64
 N_FRAMES = 8
 SUPERSAMPLE = 4
 
-# Object colors (RGB). The same values as ei2.video.COLORS, so the project's demo clip lies inside this world.
+# Object colors (RGB).
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -63,7 +66,7 @@ MOTIONS: dict[str, str] = {
 STAR_INNER = math.sin(math.pi / 10) / math.sin(3 * math.pi / 10)  # regular pentagram: inner/outer radius ~ 0.382
 RADIUS_RANGE = (12.0, 19.0)  # circumradius of still objects, pixels (at SIZE 64)
 
-# Every word a caption can contain: the tokenizer of the mini model has one token per word (ei2.text.tiny_bpe).
+# Every word a caption can contain: the tokenizer of the mini model has one token per word (ei2.mini.tokenizer).
 VOCAB: list[str] = list(dict.fromkeys(
     ["a", "and", "on", "background", *COLORS, *BACKGROUNDS, *SHAPES,
      *(w for phrase in MOTIONS.values() for w in phrase.split())]
@@ -152,6 +155,17 @@ def parse_caption(text: str) -> dict:
 # --- Rendering --------------------------------------------------------------------------------------------------------
 
 
+def inside_polygon(x: np.ndarray, y: np.ndarray, poly: np.ndarray) -> np.ndarray:
+    """Even-odd rule for the points (x, y) against the polygon's vertices (k, 2)."""
+    inside = np.zeros(x.shape, dtype=bool)
+    for (x0, y0), (x1, y1) in zip(poly, np.roll(poly, -1, axis=0)):
+        crosses = (y0 > y) != (y1 > y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xc = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (x < xc)
+    return inside
+
+
 def polygon(shape: str, center: tuple[float, float], radius: float) -> np.ndarray | None:
     """Vertices (k, 2) of a triangle / star / square inscribed in the circle (center, radius); None for a circle."""
     cx, cy = center
@@ -173,6 +187,7 @@ def coverage(shape: str, center: tuple[float, float], radius: float, size: int =
     """float32 (size, size) in [0, 1]: the fraction of each pixel the shape covers (supersample^2 samples/pixel).
     Only the shape's bounding box is sampled."""
     out = np.zeros((size, size), dtype=np.float32)
+    poly = polygon(shape, center, radius)
     cx, cy = center
     x0, x1 = max(int(math.floor(cx - radius)) - 1, 0), min(int(math.ceil(cx + radius)) + 1, size)
     y0, y1 = max(int(math.floor(cy - radius)) - 1, 0), min(int(math.ceil(cy + radius)) + 1, size)
@@ -183,7 +198,6 @@ def coverage(shape: str, center: tuple[float, float], radius: float, size: int =
     ys = (np.arange(y0, y1)[:, None] + offs[None]).reshape(-1)
     xs = (np.arange(x0, x1)[:, None] + offs[None]).reshape(-1)
     y, x = np.meshgrid(ys, xs, indexing="ij")
-    poly = polygon(shape, center, radius)
     inside = (x - cx) ** 2 + (y - cy) ** 2 <= radius**2 if poly is None else inside_polygon(x, y, poly)
     out[y0:y1, x0:x1] = inside.reshape(y1 - y0, s, x1 - x0, s).mean(axis=(1, 3))
     return out
@@ -202,6 +216,55 @@ def render(scene: Scene, size: int = SIZE) -> np.ndarray:
 def object_mask(obj: Obj, size: int = SIZE) -> np.ndarray:
     """The ground-truth boolean mask of one object (pixels at least half covered)."""
     return coverage(obj.shape, obj.center, obj.radius, size) >= 0.5
+
+
+# --- Hard-edged drawing and the project's demo clip -------------------------------------------------------------------
+
+
+def shape_mask(shape: str, center: tuple[float, float], radius: float, size: int) -> np.ndarray:
+    """Boolean (size, size) mask of a shape inscribed in the circle (center=(x, y), radius), pixel centers sampled
+    (no anti-aliasing)."""
+    return coverage(shape, center, radius, size, supersample=1) > 0
+
+
+def rgb(color) -> np.ndarray:
+    """uint8 (3,) of a name of COLORS or BACKGROUNDS, or of an RGB tuple."""
+    if isinstance(color, str):
+        if color not in COLORS and color not in BACKGROUNDS:
+            raise ValueError(f"unknown color {color!r}; one of {', '.join(dict.fromkeys([*COLORS, *BACKGROUNDS]))}")
+        color = COLORS.get(color) or BACKGROUNDS[color]
+    return np.asarray(color, dtype=np.uint8)
+
+
+def draw_scene(shape: str, color, background, center: tuple[float, float], radius: float, size: int) -> np.ndarray:
+    """A uint8 (size, size, 3) image: one `shape` of `color` (a name of COLORS or an RGB tuple) centered at (x, y)
+    with circumradius `radius`, on a plain `background` (a name or RGB), hard-edged (`shape_mask`)."""
+    img = np.empty((size, size, 3), dtype=np.uint8)
+    img[:] = rgb(background)
+    img[shape_mask(shape, center, radius, size)] = rgb(color)
+    return img
+
+
+def demo_frames(n_frames: int = 8, size: int = 64, seed: int = 0) -> np.ndarray:
+    """uint8 (n, size, size, 3): a red circle moving left to right on white; radius and height from the seed."""
+    rng = np.random.default_rng(seed)
+    radius = size * rng.uniform(0.12, 0.2)
+    cy = rng.uniform(radius, size - radius)
+    xs = np.linspace(radius, size - radius, n_frames) if n_frames > 1 else [size / 2]
+    return np.stack([draw_scene("circle", "red", "white", (float(cx), cy), radius, size) for cx in xs])
+
+
+def make_demo_clip(folder_or_path: str | os.PathLike, n_frames: int = 8, size: int = 64, seed: int = 0) -> Path:
+    """Write `demo_frames` to a .gif or .mp4 path, or otherwise as frame_0000.png ... into that folder; returns the
+    path. The same arguments always give the same pixels (and, for gif and png, the same bytes)."""
+    path = Path(folder_or_path)
+    frames = demo_frames(n_frames, size, seed)
+    if path.suffix.lower() in (".gif", ".mp4"):
+        return write_video(frames, path, fps=8)
+    path.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        write_image(frame, path / f"frame_{i:04d}.png")
+    return path
 
 
 # --- Random scenes and clips ------------------------------------------------------------------------------------------
