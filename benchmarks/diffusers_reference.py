@@ -1,4 +1,4 @@
-"""The reference side of `python -m ei2.bench`: diffusers' UNet2DConditionModel, the numerical oracle of the tests and
+"""The reference side of `python -m benchmarks.bench`: diffusers' UNet2DConditionModel, the numerical oracle of the tests and
 the speed reference of the benchmark. Kept outside the `ei2` package so that ei2 itself never imports diffusers."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU protocol of `python -m ei2.bench` on a lent device machine, in one call.
+# The GPU protocol of `python -m benchmarks.bench` on a lent device machine, in one call.
 #
 # The device image (see /work/.library/device/KINDS.md) has PyTorch, transformers, safetensors and imageio but not
 # diffusers (the reference side), and nothing can be downloaded there. So, once, on the development machine:
@@ -38,14 +38,14 @@ run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     python3 -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'diffusers', diffusers.__version__, torch.cuda.get_device_name())"
-    python3 -m ei2.bench --tiny --device cuda --size 64 --frames 2 --steps 2 --inference-steps 2 --repeats 1 \
+    python3 -m benchmarks.bench --tiny --device cuda --size 64 --frames 2 --steps 2 --inference-steps 2 --repeats 1 \
         --json "$out/bench-smoke.json" > "$out/bench-smoke.log" 2>&1 || { tail -30 "$out/bench-smoke.log"; exit 1; }
     echo "smoke ok"
     if [ "${2:-}" = "compile" ]; then  # the second call, time permitting: torch.compile's rows and compiled job
-        python3 -m ei2.bench --protocol gpu --sections train,job,targets --compile --time-budget 400 \
+        python3 -m benchmarks.bench --protocol gpu --sections train,job,targets --compile --time-budget 400 \
             --json "$out/bench-gpu-compile.json" 2>&1 | tee "$out/bench-gpu-compile.log"
     else
-        python3 -m ei2.bench --protocol gpu --json "$out/bench-gpu.json" 2>&1 | tee "$out/bench-gpu.log"
+        python3 -m benchmarks.bench --protocol gpu --json "$out/bench-gpu.json" 2>&1 | tee "$out/bench-gpu.log"
     fi
     ;;
 *)

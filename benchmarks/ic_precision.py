@@ -1,8 +1,9 @@
 """Instance Centering (Eq. 6) under bf16 autocast: the error of IC's output, of STAM's residual branch and of the
 block's temporal output against an fp32 reference, with IC centered in bf16 (the old path) and in fp32 (ei2's).
 
-    python benchmarks/ic_precision.py                  # the miniature model on the demo clip + SD v1-4-scale streams
-    python benchmarks/ic_precision.py --tune-steps 0   # untuned STAM (faster)
+    python -m benchmarks.ic_precision                  # from the repository root: the miniature model on the demo
+                                                       # clip + SD v1-4-scale streams
+    python -m benchmarks.ic_precision --tune-steps 0   # untuned STAM (faster)
 
 Why: under autocast the residual stream z that reaches the temporal module is bf16, and its temporal mean is large
 next to the frames' deviations from it. IC subtracts that mean; done in bf16 the mean is rounded at the scale of the
@@ -27,16 +28,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import ei2.attention as attention  # noqa: E402
-from ei2.unet import BasicTransformerBlock  # noqa: E402
+import ei2.attention as attention
+from ei2.unet import BasicTransformerBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 FP32_IC = attention.instance_centering
@@ -130,6 +128,8 @@ def table(title: str, rows: list[tuple[str, dict]]) -> str:
 
 def mini_model(args) -> str:
     from ei2 import diagnose
+    from ei2.pipeline import prepare_models
+    from ei2.stats import layer_name
     from ei2.ddim import add_noise
     from ei2.unet import UNet
 
@@ -139,7 +139,8 @@ def mini_model(args) -> str:
     enc = diagnose.Encoded(args.model, clip, device)
     unet = UNet.from_pretrained(args.model)  # EI²: FFAM r=2 + STAM
     if args.tune_steps:
-        diagnose.tune(unet, enc, args.tune_steps, 3e-4, 33, device, "fp32", progress=False)
+        diagnose.tune(prepare_models(unet, enc.vae, enc.text, device, "fp32"), enc, args.tune_steps, 3e-4, 33,
+                      progress=False)
     unet.eval().requires_grad_(False)
     noise = torch.randn(enc.latents.shape, generator=torch.Generator().manual_seed(0))
     runs, eps = {}, {}
@@ -153,7 +154,7 @@ def mini_model(args) -> str:
                     eps[tag].append(unet(add_noise(enc.latents, noise, t), torch.tensor(t), enc.context).float())
         cap.close()
         runs[tag] = cap.data
-    rows = [(diagnose.layer_name(name), errors(runs["ref"][name], runs["old"][name], runs["new"][name]))
+    rows = [(layer_name(name), errors(runs["ref"][name], runs["old"][name], runs["new"][name]))
             for name in runs["ref"]]
     e = {tag: sum((a - b).pow(2).sum().item() for a, b in zip(eps[tag], eps["ref"])) for tag in ("old", "new")}
     ref_sq = sum(a.pow(2).sum().item() for a in eps["ref"])

@@ -1,7 +1,8 @@
 """Activation memory of one tuning step, counted: the bytes autograd saves for the backward pass, per kind of module,
 for diffusers frame by frame, ei2's image UNet and the EI² model, side by side.
 
-    python benchmarks/saved_activations.py --frames 8 --latent 64     # 8 frames at 512²: 3 x about 1 min, 12 GB RAM
+    python -m benchmarks.saved_activations --frames 8 --latent 64     # from the repository root; 8 frames at 512²:
+                                                                       # 3 x about 1 min, 12 GB RAM
 
 Each model runs one forward pass of a tuning step on the CPU with the training job's levers (frozen weights in bf16,
 fp32 trainable tensors, bf16 autocast, the paper's trainable set); a saved_tensors_hooks pack hook records every
@@ -28,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import diffusers_reference as reference
+from benchmarks.bench.models import EI2, IMAGE
+from ei2.pipeline import freeze_to_dtype_
+from ei2.unet import UNet, UNetConfig, VideoOptions, mark_trainable
 
-from ei2.bench.core import EI2, IMAGE, _reference, mark_trainable_reference  # noqa: E402
-from ei2.pipeline import freeze_to_dtype_  # noqa: E402
-from ei2.unet import UNet, UNetConfig, VideoOptions, mark_trainable  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = {"diffusers": (None, False), "ei2 image UNet": (IMAGE, False), "EI² (FFAM r=2 + STAM)": (EI2, False),
           "EI² + recompute_activations": (EI2, True)}
@@ -44,12 +46,11 @@ def saved_bytes(video: dict | None, recompute: bool, frames: int, latent: int, t
     torch.manual_seed(0)
     cfg = UNetConfig.tiny() if tiny else UNetConfig()
     if video is None:
-        model = _reference().unet(cfg)
-        mark_trainable_reference(model)
+        model = reference.unet(cfg)
     else:
         model = UNet(cfg, VideoOptions(**video))
-        mark_trainable(model)
         model.recompute_activations = recompute
+    mark_trainable(model)  # the same attn1.to_q / attn2.to_q names in diffusers' UNet
     freeze_to_dtype_(model, torch.bfloat16)
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -104,9 +105,9 @@ def main(argv=None) -> int:
     results = {}
     for name in MODELS:  # one process per model: each starts from an empty heap (a full-size run needs ~12 GB)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--frames", str(args.frames), "--latent",
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.saved_activations", "--one", name, "--frames", str(args.frames), "--latent",
                                str(args.latent), "--threads", str(args.threads), *(["--tiny"] if args.tiny else [])],
-                              capture_output=True, text=True)
+                              cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""`python -m ei2.bench` as a CI smoke run: exit code, table format, ratios consistent with the printed figures, JSON
+"""`python -m benchmarks.bench` as a CI smoke run: exit code, table format, ratios consistent with the printed figures, JSON
 equal to the tables; the run without diffusers; the training levers change memory, not results.
 
 Never asserts on speed: the machine running the tests may be shared and slow."""
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ei2 import bench
-from ei2.bench.cli import run_section
-from ei2.bench.job import T_CPU, T_INFER, T_JOB, T_PEAK, T_PEAK_24, T_PEAK_GC, T_STEP, TARGETS, target_rows
+from benchmarks import bench
+from benchmarks.bench.cli import run_section
+from benchmarks.bench.job import T_CPU, T_INFER, T_JOB, T_PEAK, T_PEAK_24, T_PEAK_GC, T_STEP, TARGETS, target_rows
 from ei2.unet import UNet, UNetConfig, VideoOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ ROWS = {
 
 def run_bench(args, tmp_path, env=None):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "ei2.bench", *args, "--threads", "1", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", *args, "--threads", "1", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
@@ -169,7 +169,7 @@ def test_time_budget_and_section_order(tmp_path):
 def test_a_failing_section_becomes_a_table(monkeypatch):
     """An error inside a section (here a simulated out-of-memory) is reported in its table, not raised, so the later
     sections still run."""
-    from ei2.bench import cli
+    from benchmarks.bench import cli
 
     def boom(s, log):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -244,7 +244,7 @@ def test_saved_activation_count(one_thread):
 
 
 def test_help_names_the_protocol():
-    proc = subprocess.run([sys.executable, "-m", "ei2.bench", "--help"], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0
     assert "--protocol gpu" in proc.stdout and "--tiny" in proc.stdout and "--json" in proc.stdout

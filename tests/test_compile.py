@@ -39,7 +39,7 @@ def test_compiled_tuning_matches_eager():
     spectral norms' u, v buffers (updated in place inside the compiled forward), with recompute_activations on. Backend aot_eager: TorchDynamo and
     AOTAutograd trace the model and its backward as torch.compile does on CUDA; only inductor's kernel generation
     (minutes on a CPU) is left out."""
-    from ei2.bench.core import EI2, ei2_unet, tuning_step
+    from benchmarks.bench.models import EI2, ei2_unet, tuning_step
 
     cfg = UNetConfig.tiny()
     base = ei2_unet(cfg, 0, **EI2)

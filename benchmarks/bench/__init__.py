@@ -1,4 +1,5 @@
-"""`python -m ei2.bench`: speed and memory of ei2, measured side by side with diffusers in the same process.
+"""`python -m benchmarks.bench` (run from the repository root): speed and memory of ei2, measured side by side with
+diffusers in the same process.
 
 Five sections, one table each (see docs/bench.md for what every row means):
   1. forward    UNet forward, ei2 `UNet` vs diffusers `UNet2DConditionModel` on the same random SD weights.
@@ -14,18 +15,19 @@ measured model on the device (absolute: weights + activations + optimizer state)
 process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident set at the start of the
 measurement, "n/a" where the kernel does not allow the reset.
 
-diffusers is the reference; its side lives in benchmarks/diffusers_reference.py, outside the ei2 package (ei2 never
-imports diffusers). Without diffusers, or without that folder, the reference columns read n/a.
+diffusers is the reference (benchmarks/diffusers_reference.py; ei2 itself never imports diffusers). Without diffusers
+the reference columns read n/a.
 Random weights everywhere: speed does not depend on the values, and each parameter's values are seeded by its name, so
 ei2 and diffusers get identical weights without a checkpoint on disk.
 
-Files: core.py (tables, timing, memory, settings, seeded models, the training levers `channels_last_`,
-`compile_model`, `tuning_step`; `ei2.pipeline.freeze_to_dtype_` and `make_optimizer` are the training job's),
-sections.py (1-3), job.py (4-5), cli.py (options, the GPU protocol, main).
+Files: core.py (tables, timing, memory, settings), models.py (seeded models, the variants, the training levers
+`channels_last_`, `compile_model`, `tuning_step`; the trainable set, `freeze_to_dtype_` and `make_optimizer` are the
+training job's), sections.py (1-3), job.py (4-5), cli.py (options, the GPU protocol, main).
 """
 
-from .core import (EI2, IMAGE, Lever, Row, Settings, Table, diffusers_available, fmt, fmt_ratio, init_sd_weights_,
-                   prepare_for_tuning, tuning_flops, tuning_step)
+from .core import Row, Settings, Table, fmt, fmt_ratio
+from .models import (EI2, IMAGE, Lever, diffusers_available, init_sd_weights_, prepare_for_tuning, tuning_flops,
+                     tuning_step)
 from .sections import key_length
 
 __all__ = ["EI2", "IMAGE", "Lever", "Row", "Settings", "Table", "diffusers_available", "fmt", "fmt_ratio",

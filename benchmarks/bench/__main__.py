@@ -1,4 +1,4 @@
-"""`python -m ei2.bench`: see ei2/bench/__init__.py and `--help`."""
+"""`python -m benchmarks.bench` (from the repository root): see benchmarks/bench/__init__.py and `--help`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""The command line of `python -m ei2.bench`: options, the GPU protocol preset, one table per section printed as it
+"""The command line of `python -m benchmarks.bench`: options, the GPU protocol preset, one table per section printed as it
 finishes, and the JSON of all results rewritten after every section (so a run cut short keeps what it measured)."""
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import traceback
 
 import torch
 
-from ..checkpoint import atomic_path
-from .core import DTYPES, PAPER, SECTIONS, Row, Settings, Table, diffusers_available, diffusers_version
+from ei2.files import atomic_path
+from ei2.pipeline import DTYPES
+
+from .core import PAPER, SECTIONS, Row, Settings, Table
+from .models import diffusers_available, diffusers_version
 from .job import section_job, section_targets
 from .sections import section_attention, section_forward, section_train
 
@@ -59,21 +62,21 @@ defaults: on CPU --size 128 --frames 2 --steps 2 --inference-steps 2 --repeats 3
 on CUDA --size 512 --frames 8 --steps 500 --inference-steps 50 --repeats 10.
 
 GPU protocol (one H100 or H200, under 5 minutes, writes bench-gpu.json after every section):
-  python -m ei2.bench --protocol gpu
-  = python -m ei2.bench --device cuda --size 512 --frames 8 --dtype bf16 --sections train,job,targets,forward,attention
+  python -m benchmarks.bench --protocol gpu
+  = python -m benchmarks.bench --device cuda --size 512 --frames 8 --dtype bf16 --sections train,job,targets,forward,attention
     --steps 500 --inference-steps 50 --repeats 10 --warmup 3 --tuning-budget 60 --time-budget 270
     --json bench-gpu.json
-  then, time permitting, torch.compile's row: python -m ei2.bench --protocol gpu --sections train --compile
+  then, time permitting, torch.compile's row: python -m benchmarks.bench --protocol gpu --sections train --compile
     --json bench-gpu-compile.json
 
-CI smoke (seconds): python -m ei2.bench --tiny --device cpu --size 64 --frames 2 --steps 2 --inference-steps 2
+CI smoke (seconds): python -m benchmarks.bench --tiny --device cpu --size 64 --frames 2 --steps 2 --inference-steps 2
   --repeats 1 --json /tmp/bench.json
 """
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m ei2.bench", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="python -m benchmarks.bench", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Speed and memory of ei2 (UNet forward, EI² tuning step, frame attentions, the whole job), each "
                     "next to diffusers measured in the same process (or the paper's quoted V100 figures). Prints "
                     "one markdown table per section; --json writes the same rows.")
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     s, json_path = settings_from(args)
     info = meta(s, argv)
-    print(f"# ei2.bench: {s.describe()}; {info['device_name']}, {info['cpu_count']} CPU(s), "
+    print(f"# benchmarks.bench: {s.describe()}; {info['device_name']}, {info['cpu_count']} CPU(s), "
           f"{info['torch_threads']} torch threads; torch {info['torch']}, diffusers {info['diffusers'] or 'n/a'}"
           f"{'' if s.reference else ' (reference not run)'}; {info['date']}; load average "
           f"{info['loadavg_1min']:.1f}; {'interleaved' if s.interleave else 'sequential'} timing", flush=True)

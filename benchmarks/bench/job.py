@@ -1,4 +1,4 @@
-"""Sections 4 and 5 of `python -m ei2.bench`: the whole job, run by the training job's own functions (ei2.pipeline:
+"""Sections 4 and 5 of `python -m benchmarks.bench`: the whole job, run by the training job's own functions (ei2.pipeline:
 encode_video, tune_steps, invert, render) on seeded random SD weights, and the speed-and-memory targets checked
 against what the run measured."""
 
@@ -9,14 +9,13 @@ import zlib
 
 import torch
 
-from ..config import TrainConfig
-from ..pipeline import Models, encode_video, invert, make_optimizer, prepare_models, render, tune_steps
-from ..vae import AutoencoderKL
-from .core import (EI2, LR, PAPER, WEIGHT_DECAY, PeakMemory, Row, Settings, Table, channels_last_, ei2_unet, free,
-                   init_sd_weights_, sync)
+from ei2.pipeline import Models, encode_video, invert, make_optimizer, prepare_models, render, tune_steps
+from ei2.vae import AutoencoderKL
+
+from .core import PAPER, PeakMemory, Row, Settings, Table, free, sync
+from .models import EI2, JOB_DEFAULTS, LR, WEIGHT_DECAY, channels_last_, ei2_unet, init_sd_weights_
 
 GIB = 1024  # MiB
-JOB_DEFAULTS = TrainConfig()  # the training job's default mode
 
 # The issue's targets (random SD v1-4 weights, 8 frames at 512², one H100 or H200): (row, bound, unit).
 TARGET_SETTING = dict(device="cuda", size=512, frames=8, steps=500, inference_steps=50, dtype="bf16")

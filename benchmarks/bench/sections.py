@@ -1,4 +1,4 @@
-"""Sections 1-3 of `python -m ei2.bench`: the UNet forward, one tuning step and the frame attentions, each next to
+"""Sections 1-3 of `python -m benchmarks.bench`: the UNet forward, one tuning step and the frame attentions, each next to
 its reference measured in the same process (diffusers, or Tune-A-Video's SCA for the attentions)."""
 
 from __future__ import annotations
@@ -8,11 +8,14 @@ import math
 
 import torch
 
-from ..attention import FrameAttention
-from ..unet import UNet, VideoOptions
-from .core import (DTYPES, EI2, IMAGE, LR, Case, Row, Settings, Table, _reference, channels_last_, compile_model,
-                   ei2_unet, fmt, free, init_sd_weights_, inputs, levers, prepare_for_tuning, reference_unet,
-                   run_cases, share_weights_, tuning_flops, tuning_step)
+from benchmarks import diffusers_reference as reference
+from ei2.attention import FrameAttention
+from ei2.pipeline import DTYPES
+from ei2.unet import UNet, VideoOptions
+
+from .core import Case, Row, Settings, Table, fmt, free, inputs, run_cases
+from .models import (EI2, IMAGE, LR, channels_last_, compile_model, ei2_unet, init_sd_weights_, levers,
+                     prepare_for_tuning, reference_unet, share_weights_, tuning_flops, tuning_step)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. UNet forward
@@ -51,7 +54,7 @@ def section_forward(s: Settings, log) -> Table:
         variants += [("video GroupNorm (TAV)", dict(IMAGE, resnet_norm="video")), ("EI² (FFAM r=2 + STAM)", EI2)]
     cases = []
     if s.reference:
-        cases.append(case("diffusers", lambda: share_weights_(_reference().unet(cfg), base),
+        cases.append(case("diffusers", lambda: share_weights_(reference.unet(cfg), base),
                           lambda m: m(x_frames, t, ctx_frames).sample))
     for name, video in variants:
         cases.append(case(name, lambda video=video: share_weights_(UNet(cfg, VideoOptions(**video)), base),
