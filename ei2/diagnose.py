@@ -27,38 +27,32 @@ import gc
 import json
 import math
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .files import atomic_path
+from . import chart
+from .config import TrainConfig, load_config
+from .ddim import add_noise
 from .errors import Ei2Error, cli_main
-from .stats import RunningStats, location_stats
+from .files import atomic_path
+from .pipeline import (Models, autocast, make_optimizer, prepare_models, resolve_device, resolve_precision,
+                       tune_steps)
+from .stats import TemporalProbe
+from .text import TextEncoder
+from .tuned import load_tuned_unet, read_tuned_metadata
+from .unet import VARIANTS, UNet
+from .vae import AutoencoderKL
+from .video import read_frames
 
-# Temporal variants a --compare list may name: Tune-A-Video's TA, EI²'s STAM, and the Fig. 4 ablations of TA's norm.
-# Fig. 4's "LayerNorm" row is `ln` (its affine tuned with the module), "LayerNorm*" is `ln_noaffine`; Tune-A-Video's
-# own TA (`ta`) keeps the affine frozen at its identity init, so it computes what `ln_noaffine` computes.
-VARIANTS = {
-    "ta": dict(temporal="ta"),
-    "stam": dict(temporal="stam"),
-    "ln": dict(temporal="ta", temporal_norm_trainable=True),
-    "ln_noaffine": dict(temporal="ta", temporal_norm="layernorm_noaffine"),
-    "no_norm": dict(temporal="ta", temporal_norm="none"),
-    "instancenorm": dict(temporal="ta", temporal_norm="instancenorm"),
-    "ic": dict(temporal="ta", temporal_norm="ic"),
-}
-DESCRIPTIONS = {
-    "ta": "Tune-A-Video TA: LayerNorm (affine frozen), plain W_v, W_L (W_L = 0 at creation)",
-    "stam": "EI² STAM: Instance Centering, spectral norm, b = 0 at creation",
-    "ln": "TA with LayerNorm's affine tuned (Fig. 4 LayerNorm)",
-    "ln_noaffine": "TA with LayerNorm without affine (Fig. 4 LayerNorm*)",
-    "no_norm": "TA without norm (Fig. 4)",
-    "instancenorm": "TA with InstanceNorm over frames (Fig. 4)",
-    "ic": "TA with Instance Centering, no spectral norm (Fig. 4)",
-}
+# --compare names a temporal module: the variant of ei2.unet.VARIANTS whose temporal fields it takes (its frame
+# attention comes from --frame-attention / --ratio). Fig. 4's "LayerNorm" row is `ln` (affine tuned), "LayerNorm*"
+# `ln_noaffine`; Tune-A-Video's own TA (`ta`) keeps the affine frozen, so it computes what `ln_noaffine` computes.
+COMPARE = {"ta": "tav", "stam": "ei2", "ln": "ta_ln", "ln_noaffine": "ta_ln_noaffine", "no_norm": "ta_no_norm",
+           "instancenorm": "ta_instancenorm", "ic": "ta_ic"}
+TRAIN = TrainConfig()  # weight decay and gradient clip of the tuning loop, as python -m ei2.train
 COLUMNS = [  # (json key, table header)
     ("mu_rv", "mu_rv(z)"),
     ("mu_rv_rms", "mu_rv/sqrt(d)"),
@@ -68,85 +62,6 @@ COLUMNS = [  # (json key, table header)
     ("cov_ratio", "cov ratio"),
     ("cov_ratio_fro", "cov ratio F"),
 ]
-
-
-# --- Hooks -------------------------------------------------------------------------------------------------------
-
-
-def layer_name(module_name: str) -> str:
-    """'down_blocks.0.attentions.1.transformer_blocks.0' -> 'down_blocks.0.attentions.1' (SD has one block each)."""
-    suffix = ".transformer_blocks.0"
-    return module_name[: -len(suffix)] if module_name.endswith(suffix) else module_name
-
-
-def short_name(layer: str) -> str:
-    """'down_blocks.0.attentions.1' -> 'D0.1', 'mid_block.attentions.0' -> 'M', 'up_blocks.3.attentions.2' -> 'U3.2'."""
-    parts = layer.split(".")
-    if parts[0] == "mid_block":
-        return "M" if parts[-1] == "0" else f"M.{parts[-1]}"
-    if parts[0] in ("down_blocks", "up_blocks") and len(parts) >= 4:
-        return f"{parts[0][0].upper()}{parts[1]}.{parts[3]}" + ("" if len(parts) == 4 else "+")
-    return layer
-
-
-def temporal_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(layer name, block) of every block holding a temporal module (`norm_temp` + `attn_temp`), in forward order."""
-    return [(layer_name(name), m) for name, m in unet.named_modules()
-            if getattr(m, "attn_temp", None) is not None and getattr(m, "norm_temp", None) is not None]
-
-
-class TemporalProbe:
-    """Context manager: while active, every temporal module's calls update per-layer `RunningStats`, kept per `tag`
-    (set `probe.tag` before a forward pass, e.g. to the timestep)."""
-
-    def __init__(self, unet: nn.Module):
-        self.blocks = temporal_blocks(unet)
-        if not self.blocks:
-            raise Ei2Error("the model has no temporal modules (temporal: none); nothing to diagnose")
-        self.stats: dict[str, dict[object, RunningStats]] = {layer: {} for layer, _ in self.blocks}
-        self.shapes: dict[str, tuple[int, int]] = {}
-        self.tag: object = "all"
-        self._pending: dict[str, list] = {}
-        self._handles: list = []
-
-    def __enter__(self) -> "TemporalProbe":
-        for layer, block in self.blocks:
-            self._handles += [
-                block.norm_temp.register_forward_pre_hook(partial(self._on_input, layer)),
-                block.norm_temp.register_forward_hook(partial(self._on_normalized, layer)),
-                block.attn_temp.register_forward_hook(partial(self._on_delta, layer)),
-            ]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._pending.clear()
-
-    def _on_input(self, layer, module, args):
-        self._pending[layer] = [args[0].detach(), None]
-
-    def _on_normalized(self, layer, module, args, output):
-        self._pending[layer][1] = output.detach()
-
-    def _on_delta(self, layer, module, args, output):
-        z, z_hat = self._pending.pop(layer)
-        self.stats[layer].setdefault(self.tag, RunningStats()).update(location_stats(z, z_hat, output))
-        self.shapes[layer] = (int(z.shape[-2]), int(z.shape[-1]))
-
-    def report(self) -> list[dict]:
-        """One entry per layer: name, short name, frames, channels, stats over all tags, and per tag."""
-        out = []
-        for layer, _ in self.blocks:
-            tags = self.stats[layer]
-            total = RunningStats()
-            for s in tags.values():
-                total.merge(s)
-            n, d = self.shapes.get(layer, (0, 0))
-            out.append({"layer": layer, "short": short_name(layer), "frames": n, "dim": d, "stats": total.result(),
-                        "per_timestep": {str(t): s.result() for t, s in tags.items()}})
-        return out
 
 
 # --- Inputs, models, tuning --------------------------------------------------------------------------------------
@@ -186,10 +101,10 @@ def parse_timesteps(text: str) -> list[int]:
 
 def parse_variants(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in VARIANTS]
+    unknown = [s for s in names if s not in COMPARE]
     if not names or unknown:
         raise Ei2Error(f"--compare {text!r}: {', '.join(unknown) or 'empty'} not known; choose from "
-                       f"{', '.join(VARIANTS)} (comma-separated, e.g. ta,stam)")
+                       f"{', '.join(COMPARE)} (comma-separated, e.g. ta,stam)")
     if len(set(names)) != len(names):
         raise Ei2Error(f"--compare {text!r} names a variant twice")
     return names
@@ -197,9 +112,6 @@ def parse_variants(text: str) -> list[str]:
 
 def run_subject(run_dir: str | Path, model_override: str | None) -> Subject:
     """A tuned run directory (written by `python -m ei2.train`) as a Subject."""
-    from .config import load_config
-    from .tuned import read_tuned_metadata
-
     run = Path(run_dir)
     if not run.is_dir():
         raise Ei2Error(f"run directory not found: {run}; pass the output_dir of `python -m ei2.train`")
@@ -228,10 +140,6 @@ class Encoded:
     """The clip's VAE posterior and caption embedding for one base model (shared by every variant)."""
 
     def __init__(self, model: str, clip: Clip, device: torch.device):
-        from .text import TextEncoder
-        from .vae import AutoencoderKL
-        from .video import read_frames
-
         frames = read_frames(clip.video, clip.n_frames, clip.start, clip.stride, clip.size)
         if frames.shape[0] < 2:
             raise Ei2Error("the diagnostic needs at least 2 frames (a temporal module sees n frames); raise --n-frames")
@@ -244,34 +152,24 @@ class Encoded:
         self.latents = (self.posterior.mean.float() * scale).transpose(0, 1)[None]  # (n, 4, h, w) -> (1, 4, n, h, w)
 
 
-def build_unet(subject: Subject, device: torch.device) -> nn.Module:
-    from .unet import UNet
-
+def build(subject: Subject, enc: Encoded, device: torch.device, precision: str) -> Models:
+    """The subject's UNet (a run's tuned one, or SD's inflated with its options) set up as `python -m ei2.train` sets
+    up its models (ei2.pipeline.prepare_models: the trainable set marked, frozen weights in the job's dtype)."""
     if subject.tuned:
-        from .tuned import load_tuned_unet
-
         unet = load_tuned_unet(subject.model, subject.tuned)
     else:
         unet = UNet.from_pretrained(subject.model, **subject.video_options)
-    return unet.to(device).eval().requires_grad_(False)
+    return prepare_models(unet, enc.vae, enc.text, device, precision)
 
 
-def tune(unet: nn.Module, enc: Encoded, steps: int, lr: float, seed: int, device: torch.device, precision: str,
-         progress: bool) -> list[float]:
-    """`steps` steps of the training loop of `python -m ei2.train` (ei2.pipeline.tune_steps: Eq. 2, AdamW, weight
-    decay 1e-2, gradient clip 1.0) on the trainable set (ei2.unet.mark_trainable); returns the losses."""
-    from .pipeline import Models, tune_steps
-    from .unet import mark_trainable
-
-    mark_trainable(unet)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    generator = torch.Generator(device).manual_seed(seed)
+def tune(models: Models, enc: Encoded, steps: int, lr: float, seed: int, progress: bool) -> list[float]:
+    """`steps` steps of the training loop of `python -m ei2.train` (ei2.pipeline.tune_steps: Eq. 2, its AdamW and
+    gradient clip) on the trainable set that `prepare_models` marked; returns the losses."""
+    optimizer = make_optimizer(models.unet, lr, TRAIN.weight_decay)
+    generator = torch.Generator(models.device).manual_seed(seed)
     losses: list[float] = []
-    models = Models(unet, enc.vae, enc.text, device, precision)
-    tune_steps(models, enc.posterior, enc.context, optimizer, generator, 0, steps, 1.0,
+    tune_steps(models, enc.posterior, enc.context, optimizer, generator, 0, steps, TRAIN.grad_clip,
                sync_every=min(10, steps), on_sync=lambda step, values: losses.extend(values), progress=progress)
-    unet.eval().requires_grad_(False)
     return losses
 
 
@@ -279,9 +177,6 @@ def tune(unet: nn.Module, enc: Encoded, steps: int, lr: float, seed: int, device
 def probe(unet: nn.Module, enc: Encoded, timesteps: list[int], seed: int, device: torch.device, precision: str,
           progress: bool, desc: str) -> list[dict]:
     """Run the UNet on the clip noised to each timestep (one fixed noise) with hooks on; per-layer statistics."""
-    from .ddim import add_noise
-    from .pipeline import autocast
-
     noise = torch.randn(enc.latents.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     with TemporalProbe(unet) as p:
         for t in tqdm(timesteps, desc=desc, disable=not progress):
@@ -309,8 +204,6 @@ def summarize(layers: list[dict]) -> dict:
 def diagnose(subjects: list[Subject], timesteps: list[int], seed: int = 0, device: str = "auto",
              precision: str = "fp32", tune_steps: int = 0, lr: float = 3e-5, progress: bool = True) -> dict:
     """Build, optionally tune, and probe each subject in turn (one UNet in memory at a time); returns the report."""
-    from .pipeline import resolve_device, resolve_precision
-
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     encoded: dict[tuple, Encoded] = {}
@@ -323,11 +216,13 @@ def diagnose(subjects: list[Subject], timesteps: list[int], seed: int = 0, devic
             encoded[key] = Encoded(subject.model, subject.clip, dev)
         enc = encoded[key]
         torch.manual_seed(seed)  # the fresh temporal modules' initialization
-        unet = build_unet(subject, dev)
+        models = build(subject, enc, dev, precision)
         losses = []
         if tune_steps and not subject.tuned:
-            losses = tune(unet, enc, tune_steps, lr, seed, dev, precision, progress)
+            losses = tune(models, enc, tune_steps, lr, seed, progress)
             subject.source = f"tuned here: {tune_steps} steps, lr {lr:g}"
+        unet = models.unet.eval().requires_grad_(False)
+        del models
         layers = probe(unet, enc, timesteps, seed, dev, precision, progress, desc=f"probe {subject.label}")
         variants.append({"label": subject.label, "description": subject.description, "source": subject.source,
                          "model": subject.model, "clip": dataclasses.asdict(subject.clip),
@@ -395,47 +290,12 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-PALETTE = {"ta": (214, 39, 40), "stam": (31, 119, 180)}
-OTHER_COLORS = [(44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127),
-                (188, 189, 34), (23, 190, 207)]
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
-        try:
-            return ImageFont.truetype(name, size)
-        except Exception:
-            pass
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
-    except Exception:
-        return ImageFont.load_default()
-
-
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About `count` round tick values (steps 1, 2, 2.5 or 5 x 10^k) covering [lo, hi]."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        lo, hi = 0.0, 1.0
-    if hi - lo < 1e-12 * max(1.0, abs(hi)):
-        lo, hi = lo - max(0.5, abs(lo) * 0.1), hi + max(0.5, abs(hi) * 0.1)
-    raw = (hi - lo) / count
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
-    first = math.floor(lo / step + 1e-9) * step
-    ticks, t = [], first
-    while t < hi + step * 0.999:
-        ticks.append(round(t, 12))
-        t += step
-    return ticks
+PALETTE = {"ta": chart.RED, "stam": chart.BLUE}
 
 
 def draw_chart(report: dict, path: str | Path) -> Path:
     """Two panels over the layers (x: the UNet's temporal modules in forward order): the mean shift and the
-    covariance ratio (spectral), one line per variant; a dashed line at ratio 1. Pure Pillow."""
-    from PIL import Image, ImageDraw
-
+    covariance ratio (spectral), one line per variant; a dashed line at ratio 1."""
     variants = report["variants"]
     layers = [l["short"] for l in variants[0]["layers"]]
     panels = [("mean shift ||mu_out - mu_in|| (L2 over channels, mean over locations)", "mean_shift", 0.0),
@@ -445,18 +305,17 @@ def draw_chart(report: dict, path: str | Path) -> Path:
     width = max(760, left + right + step_x * len(layers))
     legend_h = 22 * len(variants)
     height = top + legend_h + len(panels) * panel_h + (len(panels) - 1) * gap + bottom
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    title_font, font, small = _font(16), _font(13), _font(11)
+    img, draw = chart.canvas(width, height)
+    small = chart.font(11)
     st = report["settings"]
-    draw.text((left, 12), "Temporal-module covariate shift per layer", fill="black", font=title_font)
+    draw.text((left, 12), "Temporal-module covariate shift per layer", fill="black", font=chart.font(16))
     draw.text((left, 34), f"timesteps {st['timesteps']}, seed {st['seed']}; "
               f"D = down, M = mid, U = up block (level.attention)", fill=(80, 80, 80), font=small)
 
     # TA red, STAM blue: by variant name, or for runs by their temporal module when only one run has it
     temporals = [v["video_options"].get("temporal") for v in variants]
     colors, used = {}, set()
-    others = iter(OTHER_COLORS * 4)
+    others = iter(chart.COLORS * 4)
     for v, temporal in zip(variants, temporals):
         key = v["label"] if v["label"] in PALETTE else temporal if temporals.count(temporal) == 1 else None
         if key in PALETTE and key not in used:
@@ -464,54 +323,18 @@ def draw_chart(report: dict, path: str | Path) -> Path:
             used.add(key)
         else:
             colors[v["label"]] = next(others)
-    y = top - 12
-    for v in variants:  # legend
-        c = colors[v["label"]]
-        draw.line([(left, y + 8), (left + 30, y + 8)], fill=c, width=3)
-        draw.ellipse([left + 11, y + 4, left + 19, y + 12], fill=c)
-        text = f"{v['label']}: {v['description']} [{v['source']}]".replace("²", "2")  # not in every font
-        draw.text((left + 40, y), text, fill="black", font=font)
-        y += 22
-
-    plot_w = width - left - right
-    xs = [left + plot_w * (i + 0.5) / len(layers) for i in range(len(layers))]
+    chart.legend(draw, (left, top - 12),
+                 [(f"{v['label']}: {v['description']} [{v['source']}]", colors[v["label"]]) for v in variants])
+    x_ticks = list(enumerate(layers))
     for p, (title, key, ref) in enumerate(panels):
         y0 = top + legend_h + p * (panel_h + gap) + 20
-        y1 = y0 + panel_h - 20
-        series = {v["label"]: [l["stats"].get(key, math.nan) for l in v["layers"]] for v in variants}
-        values = [x for s in series.values() for x in s if x is not None and math.isfinite(x)] + [ref]
-        ticks = nice_ticks(min(values), max(values))
-        lo, hi = ticks[0], ticks[-1]
-
-        def ypix(val, y0=y0, y1=y1, lo=lo, hi=hi):
-            return y1 - (val - lo) / (hi - lo) * (y1 - y0)
-
-        draw.text((left, y0 - 20), title, fill="black", font=font)
-        for t in ticks:  # grid and y labels
-            yy = ypix(t)
-            draw.line([(left, yy), (width - right, yy)], fill=(225, 225, 225))
-            label = f"{t:g}"
-            draw.text((left - 8 - draw.textlength(label, font=small), yy - 6), label, fill="black", font=small)
-        yr = ypix(ref)  # reference line: no shift / ratio 1
-        for xx in range(left, width - right, 10):
-            draw.line([(xx, yr), (min(xx + 5, width - right), yr)], fill=(90, 90, 90))
-        draw.line([(left, y0), (left, y1), (width - right, y1)], fill="black", width=1)  # axes
-        for x, name in zip(xs, layers):
-            draw.line([(x, y1), (x, y1 + 4)], fill="black")
-            draw.text((x - draw.textlength(name, font=small) / 2, y1 + 6), name, fill="black", font=small)
-        for label, vals in series.items():
-            c = colors[label]
-            pts = [(x, ypix(v)) for x, v in zip(xs, vals) if v is not None and math.isfinite(v)]
-            if len(pts) > 1:
-                draw.line(pts, fill=c, width=2)
-            for x, yy in pts:
-                draw.ellipse([x - 3, yy - 3, x + 3, yy + 3], fill=c)
+        series = [chart.Series(v["label"], [l["stats"].get(key, math.nan) for l in v["layers"]], colors[v["label"]])
+                  for v in variants]
+        chart.panel(draw, (left, y0, width - right, y0 + panel_h - 20), series, x_lim=(-0.5, len(layers) - 0.5),
+                    x_ticks=x_ticks, title=title, ref=ref)
     draw.text((left, height - 24), "layer (temporal module after the feed-forward of each transformer block)",
               fill=(80, 80, 80), font=small)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-    return path
+    return chart.save(img, path)
 
 
 def _json_safe(obj):
@@ -552,7 +375,7 @@ def parser() -> argparse.ArgumentParser:
                "  python -m ei2.diagnose --run runs/ei2 --run runs/tav --out runs/diagnose\n"
                "  python -m ei2.diagnose --model weights/stable-diffusion-v1-4 --video data/car-turn.mp4 \\\n"
                "      --caption \"a jeep car is moving on the road\" --compare ta,stam --tune-steps 100\n"
-               f"variants for --compare: {', '.join(VARIANTS)}")
+               f"variants for --compare: {', '.join(COMPARE)}")
     src = p.add_argument_group("what to diagnose (either --run, or --model with --video and --caption)")
     src.add_argument("--run", action="append", default=[], metavar="DIR",
                      help="a run directory of python -m ei2.train (its tuned model, clip and caption); repeat to "
@@ -563,7 +386,7 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--caption", help="the clip's caption (the text condition of the forward passes)")
     src.add_argument("--compare", default="stam", metavar="V1,V2",
                      help=f"temporal variants to build on the same weights and clip (default: stam); one of "
-                          f"{', '.join(VARIANTS)}")
+                          f"{', '.join(COMPARE)}")
     src.add_argument("--frame-attention", default="ffam", choices=("ffam", "sca", "self", "full"),
                      help="attn1 of every variant (default ffam; the same for all, so only the temporal module "
                           "differs)")
@@ -597,14 +420,10 @@ def subjects_from_args(args) -> list[Subject]:
     if args.tune_steps < 0:
         raise Ei2Error("--tune-steps must be >= 0")
     clip = Clip(args.video, args.caption, args.n_frames, args.start, args.stride, args.size)
-    from .unet import VideoOptions
-
-    subjects = []
-    for name in parse_variants(args.compare):
-        options = dataclasses.asdict(VideoOptions(frame_attention=args.frame_attention, ratio=args.ratio,
-                                                  **VARIANTS[name]))
-        subjects.append(Subject(name, DESCRIPTIONS[name], args.model, clip, options))
-    return subjects
+    variants = {name: VARIANTS[COMPARE[name]] for name in parse_variants(args.compare)}
+    return [Subject(name, v.module, args.model, clip,
+                    dataclasses.asdict(v.options(frame_attention=args.frame_attention, ratio=args.ratio)))
+            for name, v in variants.items()]
 
 
 @cli_main

@@ -1,4 +1,4 @@
-"""Pure statistics for evaluation and for the covariate-shift diagnostic.
+"""Pure statistics for evaluation and for the covariate-shift diagnostic, and the hooks that collect the latter.
 
 CLIP scores (notes.md section 4, the LOVEU-TGVE protocol of Tune-A-Video's authors), on embeddings:
 - `frame_consistency(image_emb)`: 100 x mean cosine similarity over all pairs of distinct frames.
@@ -22,10 +22,13 @@ value per location, shape (L,); `RunningStats` averages them over locations, cal
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .errors import Ei2Error
 
 COV_NORMS = ("spectral", "fro")
 
@@ -189,4 +192,83 @@ class RunningStats:
                 out[f"cov_ratio_pooled{suffix}"] = c_out / c_in if c_in > 0 else math.nan
         out["locations"] = self.counts.get("mu_rv", 0)
         out["degenerate_locations"] = self.skipped.get("cov_ratio", 0)
+        return out
+
+
+# --- Hooks on a UNet's temporal modules --------------------------------------------------------------------------
+
+
+def layer_name(module_name: str) -> str:
+    """'down_blocks.0.attentions.1.transformer_blocks.0' -> 'down_blocks.0.attentions.1' (SD has one block each)."""
+    suffix = ".transformer_blocks.0"
+    return module_name[: -len(suffix)] if module_name.endswith(suffix) else module_name
+
+
+def short_name(layer: str) -> str:
+    """'down_blocks.0.attentions.1' -> 'D0.1', 'mid_block.attentions.0' -> 'M', 'up_blocks.3.attentions.2' -> 'U3.2'."""
+    parts = layer.split(".")
+    if parts[0] == "mid_block":
+        return "M" if parts[-1] == "0" else f"M.{parts[-1]}"
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) >= 4:
+        return f"{parts[0][0].upper()}{parts[1]}.{parts[3]}" + ("" if len(parts) == 4 else "+")
+    return layer
+
+
+def temporal_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(layer name, block) of every block holding a temporal module (`norm_temp` + `attn_temp`), in forward order."""
+    return [(layer_name(name), m) for name, m in unet.named_modules()
+            if getattr(m, "attn_temp", None) is not None and getattr(m, "norm_temp", None) is not None]
+
+
+class TemporalProbe:
+    """Context manager: while active, every temporal module's calls update per-layer `RunningStats`, kept per `tag`
+    (set `probe.tag` before a forward pass, e.g. to the timestep)."""
+
+    def __init__(self, unet: nn.Module):
+        self.blocks = temporal_blocks(unet)
+        if not self.blocks:
+            raise Ei2Error("the model has no temporal modules (temporal: none); nothing to diagnose")
+        self.stats: dict[str, dict[object, RunningStats]] = {layer: {} for layer, _ in self.blocks}
+        self.shapes: dict[str, tuple[int, int]] = {}
+        self.tag: object = "all"
+        self._pending: dict[str, list] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "TemporalProbe":
+        for layer, block in self.blocks:
+            self._handles += [
+                block.norm_temp.register_forward_pre_hook(partial(self._on_input, layer)),
+                block.norm_temp.register_forward_hook(partial(self._on_normalized, layer)),
+                block.attn_temp.register_forward_hook(partial(self._on_delta, layer)),
+            ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._pending.clear()
+
+    def _on_input(self, layer, module, args):
+        self._pending[layer] = [args[0].detach(), None]
+
+    def _on_normalized(self, layer, module, args, output):
+        self._pending[layer][1] = output.detach()
+
+    def _on_delta(self, layer, module, args, output):
+        z, z_hat = self._pending.pop(layer)
+        self.stats[layer].setdefault(self.tag, RunningStats()).update(location_stats(z, z_hat, output))
+        self.shapes[layer] = (int(z.shape[-2]), int(z.shape[-1]))
+
+    def report(self) -> list[dict]:
+        """One entry per layer: name, short name, frames, channels, stats over all tags, and per tag."""
+        out = []
+        for layer, _ in self.blocks:
+            tags = self.stats[layer]
+            total = RunningStats()
+            for s in tags.values():
+                total.merge(s)
+            n, d = self.shapes.get(layer, (0, 0))
+            out.append({"layer": layer, "short": short_name(layer), "frames": n, "dim": d, "stats": total.result(),
+                        "per_timestep": {str(t): s.result() for t, s in tags.items()}})
         return out

@@ -11,13 +11,14 @@ from PIL import Image
 from torch import nn
 
 from ei2.attention import instance_centering
-from ei2.checkpoint import save_safetensors
-from ei2.diagnose import TemporalProbe, layer_name, main, nice_ticks, short_name
-from ei2.stats import (RunningStats, covariance_norm, covariance_ratio, location_stats, mean_shift, mu_rv, mu_z,
-                       temporal_mean)
-from ei2.text import write_tiny_text_model
+from ei2.chart import nice_ticks
+from ei2.diagnose import main
+from ei2.mini.tokenizer import write_tiny_text_model
+from ei2.stats import (RunningStats, TemporalProbe, covariance_norm, covariance_ratio, layer_name, location_stats,
+                       mean_shift, mu_rv, mu_z, short_name, temporal_mean)
 from ei2.unet import BasicTransformerBlock, UNet, UNetConfig, VideoOptions
 from ei2.vae import AutoencoderKL, VAEConfig
+from ei2.weights import save_safetensors
 
 WORDS = ["a", "red", "circle", "moving", "right", "on", "white"]
 CAPTION = "a red circle moving right"
@@ -181,7 +182,7 @@ def write_component(folder: Path, config: dict, module: nn.Module) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from ei2.video import make_demo_clip
+    from ei2.mini.world import make_demo_clip
 
     root = tmp_path_factory.mktemp("diag")
     sd = root / "tiny-sd"
