@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_state_dict
 from .config import load_config
 from .errors import Ei2Error, cli_main
 from .pipeline import load_models, render, resolve_device, resolve_precision
@@ -24,6 +23,7 @@ from .files import slug, write_json
 from .train import video_options, write_clip
 from .tuned import load_tuned
 from .video import to_uint8
+from .weights import read_state_dict
 
 
 def edit(run_dir, prompts: list[str], guidance: float | None = None, steps: int | None = None,

@@ -29,6 +29,7 @@ from .errors import Ei2Error
 from .text import TextEncoder
 from .unet import UNet, VideoOptions, mark_trainable
 from .vae import AutoencoderKL
+from .weights import check_sd_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,35 +70,13 @@ class Models:
         return autocast(self.device, self.precision)
 
 
-def check_model(model: str) -> None:
-    """Before loading anything: every file of an SD folder that is missing, in one message."""
-    from .checkpoint import WEIGHT_NAMES
-
-    root = Path(model)
-    if root.is_file():
-        return
-    if not root.is_dir():
-        raise Ei2Error(f"model not found at {root}: put Stable Diffusion v1-4 there in the diffusers folder layout "
-                       "(unet/, vae/, text_encoder/, tokenizer/) or point `model:` at a checkpoint; see weights/README.md")
-    missing = []
-    for part in ("unet", "vae", "text_encoder"):
-        if not (root / part / "config.json").is_file():
-            missing.append(f"{part}/config.json")
-        if not any((root / part / w).is_file() for w in WEIGHT_NAMES[part]):
-            missing.append(f"{part}/{WEIGHT_NAMES[part][0]}")
-    missing += [f"tokenizer/{f}" for f in ("vocab.json", "merges.txt") if not (root / "tokenizer" / f).is_file()]
-    if missing:
-        raise Ei2Error(f"incomplete model folder {root}: missing {', '.join(missing)}; see weights/README.md for "
-                       "what goes where and how to download it")
-
-
 def load_models(model: str, video: VideoOptions, device: torch.device, precision: str) -> Models:
     """SD's text encoder and VAE (frozen) and its UNet inflated with `video` (temporal modules fresh).
 
     Under bf16/fp16 the frozen UNet weights are stored in that dtype and only the trainable tensors keep fp32 master
     copies (mark_trainable runs first): the memory of the frozen 860 M parameters halves, results do not change
     because autocast runs those layers in the low dtype anyway."""
-    check_model(model)
+    check_sd_folder(model)
     tokenizer = None
     if Path(model).is_file():  # a single CompVis file carries no tokenizer: look beside it
         near = [Path(model).parent / "tokenizer", Path(model).parent / "stable-diffusion-v1-4" / "tokenizer"]

@@ -26,16 +26,16 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import save_safetensors
 from .config import describe_keys, load_config, save_config
 from .errors import Ei2Error, cli_main
 from .files import slug, write_json
-from .pipeline import (MAX_SKIPS, NonFiniteGradients, NonFiniteLoss, all_finite, check_model, encode_video, invert,
+from .pipeline import (MAX_SKIPS, NonFiniteGradients, NonFiniteLoss, all_finite, encode_video, invert,
                        load_models, make_optimizer, render, resolve_device, resolve_precision, tune_steps)
 from .tuned import (load_training_state, read_tuned_metadata, save_training_state, save_tuned,
                     trainable_parameters)
 from .unet import VideoOptions
 from .video import frame_grid, read_frames, side_by_side, to_uint8, write_image, write_video
+from .weights import check_sd_folder, save_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -94,7 +94,7 @@ def run(cfg, resume: bool = False, progress: bool = True) -> Path:
     precision = resolve_precision(cfg.precision, device)
     if precision != "fp32" and device.type != "cuda":
         raise Ei2Error(f"precision {precision} needs a CUDA device; use precision fp32 (or auto) on the CPU")
-    check_model(cfg.model)  # both inputs are checked before anything is written or loaded
+    check_sd_folder(cfg.model)  # both inputs are checked before anything is written or loaded
     frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size, cfg.resize)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import read_state_dict, save_safetensors
 from .errors import Ei2Error
 from .unet import UNet, VideoOptions, is_temporal_key, is_trainable_key
+from .weights import read_state_dict, save_safetensors
 
 
 # The version of what a tuned model computes. Format 2: conv_norm_out takes its statistics over all frames (with

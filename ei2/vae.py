@@ -1,8 +1,9 @@
 """The Stable Diffusion v1 autoencoder (AutoencoderKL): images (b, 3, H, W) in [-1, 1] <-> latents (b, 4, H/8, W/8).
 
-Module names mirror the diffusers checkpoint, so loading is an identity map (`ei2.checkpoint.load_exact`). Two
+Module names mirror the diffusers checkpoint, so loading is an identity map (`ei2.weights.load_exact`). Two
 spellings need translating first: the published vae file names its mid-block attention query/key/value/proj_attn
-(new saves: to_q/to_k/to_v/to_out.0), and the CompVis single file uses its own names and 1x1-conv attention weights.
+(new saves: to_q/to_k/to_v/to_out.0), and the CompVis single file uses its own names and 1x1-conv attention weights;
+both translations live in ei2/weights.py.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import load_exact, open_component, read_state_dict
 from .errors import Ei2Error
+from .weights import load_exact, open_component, vae_state_dict
 
 EPS = 1e-6  # every GroupNorm of the SD VAE (ResNets, attention, output) uses 1e-6, not PyTorch's default 1e-5
 
@@ -254,99 +255,10 @@ class AutoencoderKL(nn.Module):
         comp = open_component(path, "vae")
         if config is None:
             config = VAEConfig.from_dict(comp.config) if comp.config is not None else VAEConfig()
-        sd = read_state_dict(comp.weights)
-        if comp.single_file:
-            sd = from_single_file(sd, config, source=str(comp.weights))
-        sd = convert_attention_keys(sd, source=str(comp.weights))
+        sd = vae_state_dict(comp, config)
         try:
             model = cls(config)
         except (ValueError, TypeError) as e:  # e.g. channels not divisible by norm_num_groups
             raise Ei2Error(f"invalid VAE config for {comp.weights} ({e})") from None
         load_exact(model, sd, source=str(comp.weights))
         return model.to(dtype).eval().requires_grad_(False)
-
-
-# --- checkpoint key translation ------------------------------------------------------------------------------------
-
-COMPVIS_PREFIX = "first_stage_model."
-_OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_COMPVIS_ATTENTION = {"group_norm": "norm", "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
-
-
-def convert_attention_keys(sd: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
-    """Rename the old attention spelling (query/key/value/proj_attn) to the new one and squeeze CompVis's 1x1-conv
-    attention weights (c, c, 1, 1) to linear ones (c, c). Other keys pass through unchanged."""
-    out: dict[str, torch.Tensor] = {}
-    for key, t in sd.items():
-        if ".attentions." in key:
-            *head, name, param = key.split(".")
-            if name in _OLD_ATTENTION:
-                key = ".".join([*head, _OLD_ATTENTION[name], param])
-                if key in sd:
-                    raise Ei2Error(f"{source} holds both the old and the new spelling of {key}")
-            if t.ndim == 4 and t.shape[2:] == (1, 1):
-                t = t[:, :, 0, 0]
-        out[key] = t
-    return out
-
-
-def compvis_vae_key_map(config: VAEConfig) -> dict[str, str]:
-    """diffusers key (old attention spelling, as the published file) -> CompVis single-file key, for every tensor."""
-    ch, n, layers = config.block_out_channels, len(config.block_out_channels), config.layers_per_block
-    modules: dict[str, str] = {}  # diffusers module -> CompVis module; each has a weight and a bias
-
-    def resnet(d: str, c: str, cin: int, cout: int) -> None:
-        for name in ("norm1", "conv1", "norm2", "conv2"):
-            modules[f"{d}.{name}"] = f"{c}.{name}"
-        if cin != cout:
-            modules[f"{d}.conv_shortcut"] = f"{c}.nin_shortcut"
-
-    for side in ("encoder", "decoder"):
-        modules[f"{side}.conv_in"] = f"{side}.conv_in"
-        d, c, width = f"{side}.mid_block", f"{side}.mid", ch[-1]
-        resnet(f"{d}.resnets.0", f"{c}.block_1", width, width)
-        for name, compvis in _COMPVIS_ATTENTION.items():
-            modules[f"{d}.attentions.0.{name}"] = f"{c}.attn_1.{compvis}"
-        resnet(f"{d}.resnets.1", f"{c}.block_2", width, width)
-        modules[f"{side}.conv_norm_out"] = f"{side}.norm_out"
-        modules[f"{side}.conv_out"] = f"{side}.conv_out"
-    cin = ch[0]
-    for i in range(n):
-        for j in range(layers):
-            resnet(f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", cin, ch[i])
-            cin = ch[i]
-        if i < n - 1:
-            modules[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
-    cin = ch[-1]
-    for i in range(n):
-        level = n - 1 - i  # CompVis numbers decoder levels by resolution, diffusers in execution order
-        for j in range(layers + 1):
-            resnet(f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}", cin, ch[level])
-            cin = ch[level]
-        if i < n - 1:
-            modules[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{level}.upsample.conv"
-    modules["quant_conv"], modules["post_quant_conv"] = "quant_conv", "post_quant_conv"
-    return {f"{d}.{p}": f"{COMPVIS_PREFIX}{c}.{p}" for d, c in modules.items() for p in ("weight", "bias")}
-
-
-def from_single_file(sd: dict[str, torch.Tensor], config: VAEConfig, source: str) -> dict[str, torch.Tensor]:
-    """The VAE tensors of a single file, under diffusers names. Accepts a whole SD CompVis checkpoint
-    (first_stage_model.*), a CompVis VAE-only file (encoder.down.*), or a lone diffusers-named VAE file."""
-    if any(k.startswith(COMPVIS_PREFIX) for k in sd):
-        prefix = COMPVIS_PREFIX
-    elif "encoder.down.0.block.0.conv1.weight" in sd:
-        prefix = ""
-    elif "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:
-        return dict(sd)
-    else:
-        raise Ei2Error(f"{source} holds no VAE weights (no {COMPVIS_PREFIX}* keys): is it a Stable Diffusion model?")
-    inverse = {c[len(COMPVIS_PREFIX):]: d for d, c in compvis_vae_key_map(config).items()}
-    out = {}
-    for key, t in sd.items():
-        if not key.startswith(prefix):
-            continue  # UNet / text encoder tensors of a whole-model file
-        rest = key[len(prefix):]
-        if rest.startswith("loss."):
-            continue  # VAE training files carry the LPIPS / discriminator weights; not part of the model
-        out[inverse.get(rest, key)] = t  # an unknown key keeps its file name, so load_exact reports it as such
-    return out

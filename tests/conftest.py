@@ -2,18 +2,14 @@
 
 from pathlib import Path
 
-import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-KEYS_TSV = next((p for p in (HERE.parents[1] / "shared/reference/sd-v1-4-keys.tsv",
-                             Path("/work/shared/reference/sd-v1-4-keys.tsv")) if p.is_file()), None)
+KEYS_TSV = HERE / "data/sd-v1-4-keys.tsv"  # every SD v1-4 tensor: diffusers key, shape, CompVis key
 
 
 def sd_keys(component: str) -> list[tuple[str, tuple[int, ...], str]]:
     """Rows (diffusers key, shape, CompVis key) of the SD v1-4 key table for one component."""
-    if KEYS_TSV is None:
-        pytest.skip("shared/reference/sd-v1-4-keys.tsv not available")
     rows = []
     for line in KEYS_TSV.read_text().splitlines():
         if line.startswith("#") or not line.strip():

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomize
+from tiny_model import write_random_model
 
 from ei2.attention import FrameAttention, SpectralNormLinear, attention, temporal_module
 from ei2.unet import BasicTransformerBlock, UNet, UNetConfig, VideoOptions, mark_trainable
@@ -138,8 +139,6 @@ def sd_alphas_cumprod_by_hand() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from ei2.demo import write_random_model
-
     return write_random_model(tmp_path_factory.mktemp("eq2") / "model", seed=2)
 
 

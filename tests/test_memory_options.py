@@ -4,8 +4,8 @@ recomputation keeps fewer bytes for the backward pass (counted)."""
 
 import pytest
 import torch
+from tiny_model import write_random_model
 
-from ei2.demo import write_random_model
 from ei2.pipeline import encode_video, load_models, tune_steps
 from ei2.tuned import trainable_parameters
 from ei2.unet import VideoOptions

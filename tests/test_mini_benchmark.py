@@ -7,8 +7,8 @@ import re
 
 import numpy as np
 import pytest
+from tiny_model import write_random_model
 
-from ei2.demo import write_random_model
 from ei2.mini import benchmark, parse, world
 from ei2.mini.benchmark import COLUMNS, aggregate, main, sample_metrics, suite, summarize
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ei2.checkpoint import read_state_dict
 from ei2.ddim import alphas_cumprod
 from ei2.mini import pretrain, world
 from ei2.text import TextEncoder
 from ei2.unet import UNet, UNetConfig
 from ei2.vae import AutoencoderKL, VAEConfig
+from ei2.weights import read_state_dict
 
 MODEL = Path(__file__).resolve().parents[1] / "weights" / "mini"
 pytestmark = pytest.mark.skipif(not (MODEL / "golden.safetensors").is_file(),

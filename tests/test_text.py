@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ei2.checkpoint import save_safetensors
-from ei2.convert import TEXT_PREFIX
 from ei2.errors import Ei2Error
-from ei2.text import MAX_LENGTH, TextEncoder, load_tokenizer, write_tiny_text_model
+from ei2.mini.tokenizer import write_tiny_text_model
+from ei2.text import MAX_LENGTH, TextEncoder, load_tokenizer
+from ei2.weights import TEXT_PREFIX, compvis_text_key_map, save_safetensors
 
 WORDS = ["a", "on", "the", "red", "green", "blue", "yellow", "square", "circle", "triangle", "moving", "background"]
 
@@ -42,8 +42,6 @@ def test_weights_use_published_names_and_load_exactly(sd_folder, encoder):
     """The file names tensors as SD v1-4's text_encoder/model.safetensors does, and every one of them is loaded
     (transformers would initialise absent ones at random with only a warning)."""
     from safetensors.torch import load_file
-
-    from ei2.convert import compvis_text_key_map
 
     saved = load_file(str(sd_folder / "text_encoder" / "model.safetensors"))
     assert set(saved) == set(compvis_text_key_map(2))
@@ -131,7 +129,7 @@ def test_missing_tokenizer_folder_is_named(tmp_path, sd_folder):
     with pytest.raises(Ei2Error) as e:
         TextEncoder.from_pretrained(broken)
     msg = str(e.value)
-    assert str(broken / "tokenizer" / "vocab.json") in msg and "merges.txt" in msg and "weights/README.md" in msg
+    assert f"{broken}: missing tokenizer/vocab.json" in msg and "merges.txt" in msg and "weights/README.md" in msg
     assert "\n" not in msg
 
 

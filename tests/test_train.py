@@ -10,11 +10,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from tiny_model import write_random_model
 
 from ei2 import ddim
-from ei2.checkpoint import read_state_dict
 from ei2.config import load_config
-from ei2.demo import write_random_model
 from ei2.edit import edit
 from ei2.errors import Ei2Error
 from ei2.errors import Ei2Error
@@ -23,6 +22,7 @@ from ei2.tuned import load_tuned_unet, read_tuned_metadata
 from ei2.unet import is_temporal_key, is_trainable_key
 from ei2.video import make_demo_clip, read_frames
 from ei2.vae import AutoencoderKL
+from ei2.weights import read_state_dict
 
 N, SIZE = 4, 64
 

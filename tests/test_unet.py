@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from ei2.errors import Ei2Error
 from ei2.unet import UNet, UNetConfig, VideoOptions
+from ei2.weights import compvis_unet_key_map
 
 IMAGE = dict(frame_attention="self", temporal="none")
 
@@ -137,8 +138,6 @@ def test_full_sd_v1_4_parity(tmp_path):
 
 
 def compvis_state(ref_state: dict, config: UNetConfig) -> dict:
-    from ei2.convert import compvis_unet_key_map
-
     return {compvis: ref_state[key].clone() for key, compvis in compvis_unet_key_map(config).items()}
 
 

@@ -7,19 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ei2.checkpoint import load_exact, save_safetensors
+from conftest import KEYS_TSV
 from ei2.errors import Ei2Error
-from ei2.vae import (
-    AutoencoderKL,
-    DiagonalGaussian,
-    VAEConfig,
-    compvis_vae_key_map,
-    convert_attention_keys,
-)
+from ei2.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+from ei2.weights import compvis_vae_key_map, convert_attention_keys, load_exact, save_safetensors
 
 diffusers = pytest.importorskip("diffusers")
 
-KEYS_TSV = Path(__file__).resolve().parents[2] / "shared/reference/sd-v1-4-keys.tsv"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 NEW_TO_OLD = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
@@ -75,8 +69,6 @@ def tiny(tmp_path_factory):
 
 
 def read_tsv_vae():
-    if not KEYS_TSV.is_file():
-        pytest.skip(f"{KEYS_TSV} not present")
     rows = [line.rstrip("\n").split("\t") for line in KEYS_TSV.read_text().splitlines() if line.startswith("vae\t")]
     return {key: (json.loads(shape), compvis) for _, key, shape, compvis in rows}
 

@@ -41,13 +41,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import save_safetensors
 from ..files import atomic_path
 from ..ddim import add_noise
 from ..errors import Ei2Error, cli_main
 from ..text import TextEncoder, write_tiny_text_model
 from ..unet import UNet, UNetConfig, VideoOptions
 from ..vae import AutoencoderKL, VAEConfig
+from ..weights import read_state_dict, save_safetensors
 from . import world
 
 # (color, shape, background) combinations never shown in training: samples of their captions test composition
@@ -313,8 +313,6 @@ def _write_json(path: Path, data: dict) -> None:
 def save_text(out: Path, seed: int) -> TextEncoder:
     """Write tokenizer/ and text_encoder/ (fp16) and load them back as the frozen fp32 encoder training uses."""
     write_tiny_text_model(out, world.VOCAB, seed=seed, **TEXT)
-    from ..checkpoint import read_state_dict
-
     path = out / "text_encoder" / "model.safetensors"
     state = read_state_dict(path)
     save_safetensors({k: v.half() for k, v in state.items()}, path, metadata={"format": "pt"})

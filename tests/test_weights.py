@@ -1,17 +1,14 @@
 """CompVis -> diffusers key maps: against the published key table, diffusers' own key set and diffusers' converter."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
 
-from ei2.convert import compvis_text_key_map, compvis_unet_key_map, from_compvis
+from conftest import KEYS_TSV
 from ei2.errors import Ei2Error
 from ei2.unet import UNetConfig
-
-TSV_NAME = "shared/reference/sd-v1-4-keys.tsv"
-TSV_CANDIDATES = [Path(__file__).resolve().parents[2] / TSV_NAME, Path("/work") / TSV_NAME]
+from ei2.weights import compvis_text_key_map, compvis_unet_key_map, from_compvis
 
 # structures beyond SD v1's: fewer/more layers, attention at other levels, three levels
 VARIANTS = [
@@ -24,11 +21,8 @@ VARIANTS = [
 
 
 def _tsv_rows(component: str) -> dict[str, str]:
-    path = next((p for p in TSV_CANDIDATES if p.is_file()), None)
-    if path is None:
-        pytest.skip("sd-v1-4-keys.tsv not found")
     rows = {}
-    for line in path.read_text().splitlines():
+    for line in KEYS_TSV.read_text().splitlines():
         if line.startswith("#") or not line.strip():
             continue
         comp, key, _shape, compvis = line.split("\t")

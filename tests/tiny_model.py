@@ -1,7 +1,6 @@
 """A tiny Stable-Diffusion-shaped model with seeded random weights, written in the real SD folder layout.
 
-Tests (and anyone checking the plumbing) load it through exactly the same loaders as SD v1-4. It is NOT a fallback:
-nothing in ei2 uses it unless a config or a test points at the folder it was written to.
+Tests load it through exactly the same loaders as SD v1-4; nothing in ei2 uses it.
 """
 
 from __future__ import annotations
@@ -11,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_safetensors
-from .text import write_tiny_text_model
-from .unet import UNet, UNetConfig, VideoOptions
-from .vae import AutoencoderKL, VAEConfig
+from ei2.mini.tokenizer import write_tiny_text_model
+from ei2.unet import UNet, UNetConfig, VideoOptions
+from ei2.vae import AutoencoderKL, VAEConfig
+from ei2.weights import save_safetensors
 
 WORDS = ["a", "an", "the", "on", "in", "of", "and", "with", "moving", "right", "left", "background",
          "red", "green", "blue", "yellow", "white", "black", "purple", "orange",
