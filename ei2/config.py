@@ -7,6 +7,7 @@ steps, seed 33). The one-line help of every field is also the README's table of 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import re
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from .attention import FRAME_ATTENTIONS, TEMPORAL_NORMS
-from .files import atomic_path
+from .attention import TEMPORAL_NORMS
 from .errors import Ei2Error
+from .files import atomic_path
+from .unet import VideoOptions
 from .video import RESIZES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCORES = ("none", "mini")
 
 
 def _key(default, help: str):
@@ -72,6 +75,12 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 TYPES = typing.get_type_hints(TrainConfig)
 NULLS = ("null", "Null", "NULL", "~")
+BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+VIDEO_KEYS = tuple(f.name for f in dataclasses.fields(VideoOptions))  # the TrainConfig keys that shape the UNet
+
+
+def video_options(cfg: TrainConfig) -> VideoOptions:
+    return VideoOptions(**{k: getattr(cfg, k) for k in VIDEO_KEYS})
 
 
 def describe_keys() -> list[tuple[str, object, str]]:
@@ -105,23 +114,112 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise Ei2Error(f"config file not found: {path}; pass --config with the path of a YAML file (see configs/)")
+# --- the command line: argparse prints the help, the values are read from the field types ---------------------------
+
+
+def add_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """-h/--help for a parser made with add_help=False: its own options, then every config key with its default and
+    help (the README's table). The keys are listed only when the help is printed: their values are not argparse's
+    but what parse_known_args leaves, read by `load_config` (--key value or --key=value, dashes or underscores,
+    several values for a list, a bare --flag for true, null or ~ for an optional key)."""
+    parser.add_argument("-h", "--help", action=_HelpWithKeys, nargs=0, help="show this help message and exit")
+    return parser
+
+
+class _HelpWithKeys(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.usage = parser.format_usage().removeprefix("usage: ").strip() + " [--KEY VALUE ...]"
+        keys = parser.add_argument_group("config keys", "each overrides the YAML's value")
+        for name, default, text in describe_keys():
+            tp, optional = _field_type(name)
+            nargs = "*" if tp == list[str] else "?" if tp is bool and not optional else None
+            keys.add_argument(f"--{name}", metavar=METAVARS[tp] + "|null" * optional, nargs=nargs,
+                              help=f"{text} (default: {default!r})".replace("%", "%%"))
+        parser.print_help()
+        parser.exit()
+
+
+def _field_type(name: str) -> tuple[type, bool]:
+    """(the field's type, whether it may be None): `str | None` -> (str, True)."""
+    tp = TYPES[name]
+    args = typing.get_args(tp)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
+def _as_int(v):
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError
+    return v
+
+
+def _as_float(v):
+    if isinstance(v, str):
+        v = float(v)  # PyYAML reads 3e-5 (no dot) as text
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise ValueError
+    return float(v)
+
+
+def _as_bool(v):
+    if isinstance(v, str) and v.lower() in BOOLS:
+        return BOOLS[v.lower()]
+    if not isinstance(v, bool):
+        raise ValueError
+    return v
+
+
+def _as_text(v):
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    if not isinstance(v, str):
+        raise ValueError
+    return v
+
+
+def _as_texts(v):
+    v = [v] if isinstance(v, str) else v
+    if not isinstance(v, list):
+        raise ValueError
+    return [_as_text(x) for x in v]
+
+
+# field type -> (its reader of a YAML value or a YAML-read command-line value, what the error says it must be)
+COERCE = {int: (_as_int, "an integer"), float: (_as_float, "a number"), bool: (_as_bool, "true or false"),
+          str: (_as_text, "a text"), list[str]: (_as_texts, "a list of texts")}
+METAVARS = {int: "N", float: "X", bool: "BOOL", str: "TEXT", list[str]: "TEXT"}
+
+
+def _coerce(name: str, value):
+    tp, optional = _field_type(name)
+    if optional and value is None:
+        return None
+    read, wanted = COERCE[tp]
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise Ei2Error(f"YAML syntax error in {path}{where}: {problem}; fix that line") from None
-    except UnicodeDecodeError:
-        raise Ei2Error(f"{path} is not a UTF-8 text file; pass a YAML config") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise Ei2Error(f"{path} must hold `key: value` lines at the top level, not a {type(data).__name__}")
-    return data
+        return read(value)
+    except (ValueError, TypeError):
+        raise Ei2Error(f"{name} must be {wanted}, got {value!r}") from None
+
+
+def _parse_cli(name: str, raw: list[str]):
+    """Command-line text -> a Python value: YAML scalars for numbers and booleans; text fields stay verbatim (a
+    caption such as "a cat: sitting" is not YAML-parsed), except null/~ for an optional field."""
+    tp, optional = _field_type(name)
+    if tp == list[str]:
+        return list(raw)
+    if tp is bool and not optional and not raw:
+        return True  # a bare --gradient_checkpointing
+    if len(raw) != 1:
+        raise Ei2Error(f"--{name} takes one value, got {len(raw)}: {' '.join(raw) or '(none)'}; quote text with spaces")
+    if tp is str:
+        return None if optional and raw[0] in NULLS else raw[0]
+    try:
+        return yaml.safe_load(raw[0])
+    except yaml.YAMLError:
+        return raw[0]
 
 
 def _split_overrides(args: list[str]) -> list[tuple[str, list[str]]]:
@@ -146,69 +244,23 @@ def _field_name(key: str, where: str) -> str:
     raise Ei2Error(f"unknown config key '{key}'; {hint}{f' ({where})' if where else ''}")
 
 
-def _is_str_type(tp) -> bool:
-    return tp is str or typing.get_args(tp) == (str, type(None)) or typing.get_origin(tp) is list
-
-
-def _parse_cli(name: str, raw: list[str]):
-    """Command-line text -> a Python value: YAML scalars for numbers and booleans; text fields stay verbatim (a
-    caption such as "a cat: sitting" is not YAML-parsed), except null/~ for an optional field."""
-    tp = TYPES[name]
-    if typing.get_origin(tp) is list:
-        return list(raw)
-    if tp is bool and not raw:
-        return True  # a bare --gradient_checkpointing
-    if len(raw) != 1:
-        raise Ei2Error(f"--{name} takes one value, got {len(raw)}: {' '.join(raw) or '(none)'}; quote text with spaces")
-    if _is_str_type(tp):
-        return None if raw[0] in NULLS and type(None) in typing.get_args(tp) else raw[0]
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise Ei2Error(f"config file not found: {path}; pass --config with the path of a YAML file (see configs/)")
     try:
-        return yaml.safe_load(raw[0])
-    except yaml.YAMLError:
-        return raw[0]
-
-
-def _coerce(name: str, value):
-    tp = TYPES[name]
-    args = typing.get_args(tp)
-    if type(None) in args:
-        if value is None:
-            return None
-        tp = next(a for a in args if a is not type(None))
-    wanted = {int: "an integer", float: "a number", bool: "true or false", str: "a text"}.get(tp, "a list of texts")
-    bad = Ei2Error(f"{name} must be {wanted}, got {value!r}")
-    if typing.get_origin(tp) is list:
-        value = [value] if isinstance(value, str) else value
-        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                                                  for v in value):
-            raise bad
-        return [str(v) for v in value]
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)  # PyYAML reads 3e-5 (no dot) as text
-            except ValueError:
-                raise bad from None
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise bad
-        return float(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str):
-        raise bad
-    return value
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise Ei2Error(f"YAML syntax error in {path}{where}: {problem}; fix that line") from None
+    except UnicodeDecodeError:
+        raise Ei2Error(f"{path} is not a UTF-8 text file; pass a YAML config") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise Ei2Error(f"{path} must hold `key: value` lines at the top level, not a {type(data).__name__}")
+    return data
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -236,20 +288,18 @@ def validate(cfg: TrainConfig) -> None:
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device),
          f"device={cfg.device!r} must be auto, cpu, cuda, cuda:N or mps"),
     ]
-    choices = [
-        ("resize", cfg.resize, RESIZES),
-        ("frame_attention", cfg.frame_attention, FRAME_ATTENTIONS),
-        ("temporal", cfg.temporal, ("stam", "ta", "none")),
-        ("temporal_norm", cfg.temporal_norm, (None,) + TEMPORAL_NORMS),
-        ("resnet_norm", cfg.resnet_norm, ("video", "frame")),
-        ("precision", cfg.precision, PRECISIONS),
-        ("score", cfg.score, ("none", "mini")),
-    ]
-    checks += [(value in allowed, f"{name}={value!r} is not one of {', '.join(str(a) for a in allowed)}")
-               for name, value, allowed in choices]
-    checks += [(p.strip(), f"edit prompt {i + 1} is empty; remove it or write the edit") for i, p in
-               enumerate(cfg.edit_prompts)]
+    checks.append((cfg.resize in RESIZES, _not_one_of("resize", cfg.resize, RESIZES)))
     for ok, message in checks:
         if not ok:
             raise Ei2Error(message)
+    video_options(cfg)  # frame_attention, temporal, temporal_norm, resnet_norm: VideoOptions checks their values
+    for name, value, allowed in (("precision", cfg.precision, PRECISIONS), ("score", cfg.score, SCORES)):
+        if value not in allowed:
+            raise Ei2Error(_not_one_of(name, value, allowed))
+    for i, prompt in enumerate(cfg.edit_prompts):
+        if not prompt.strip():
+            raise Ei2Error(f"edit prompt {i + 1} is empty; remove it or write the edit")
 
+
+def _not_one_of(name: str, value, allowed) -> str:
+    return f"{name}={value!r} is not one of {', '.join(str(a) for a in allowed)}"

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
+from .config import load_config, video_options
 from .errors import Ei2Error, cli_main
-from .pipeline import load_models, render, resolve_device, resolve_precision
 from .files import slug, write_json
-from .train import video_options, write_clip
+from .pipeline import load_models, render, resolve_device, resolve_precision
 from .tuned import load_tuned
-from .video import to_uint8
+from .video import to_uint8, write_clip
 from .weights import read_state_dict
 
 

@@ -23,12 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from .files import atomic_path, first_line
 from .errors import Ei2Error, cli_main
 from .pipeline import resolve_device
 from .stats import frame_consistency, textual_alignment
+from .unet import VARIANTS
+from .video import read_all_frames
 
 DEFAULT_CLIP = "weights/clip-vit-large-patch14"
 CLIP_REPO = "openai/clip-vit-large-patch14"
@@ -58,7 +61,7 @@ def missing_clip_files(folder: Path) -> list[str]:
 
 
 def _image_processor_class():
-    import transformers
+    import transformers  # here and in ClipScorer, as in ei2.text: a slow import that only loading CLIP needs
 
     # transformers 5 without torchvision warns for CLIPImageProcessor and falls back to the PIL one: ask for it
     return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
@@ -113,69 +116,19 @@ class ClipScorer:
                 "textual_alignment": textual_alignment(image, text)}
 
 
-# --- Reading every frame of a video at its own resolution --------------------------------------------------------
-
-
-def read_all_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndarray]:
-    """Every frame (up to max_frames) of an mp4 (or any video ffmpeg reads), a gif, an image or a folder of images,
-    as uint8 RGB arrays (H, W, 3) at the file's resolution (CLIP's processor resizes)."""
-    from PIL import Image
-
-    path = Path(path)
-    if not path.exists():
-        raise Ei2Error(f"video not found: {path}")
-    limit = max_frames if max_frames else 1 << 30
-    try:
-        if path.is_dir():
-            from .video import image_files
-
-            files = image_files(path)[:limit]
-            if not files:
-                raise Ei2Error(f"no images in folder {path}")
-            frames = []
-            for f in files:
-                with Image.open(f) as im:
-                    frames.append(np.asarray(im.convert("RGB")))
-            return frames
-        if path.suffix.lower() in (".gif", ".png", ".jpg", ".jpeg", ".webp"):
-            frames = []
-            with Image.open(path) as im:
-                for i in range(min(getattr(im, "n_frames", 1), limit)):
-                    im.seek(i)
-                    frames.append(np.asarray(im.convert("RGB")))
-            return frames
-        import imageio_ffmpeg
-
-        gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-        frames = []
-        try:
-            w, h = next(gen)["size"]
-            for data in gen:
-                frames.append(np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3).copy())
-                if len(frames) >= limit:
-                    break
-        finally:
-            gen.close()
-    except Ei2Error:
-        raise
-    except Exception as e:
-        raise Ei2Error(f"could not read video {path} ({first_line(e)}); is it a valid, complete video?") from None
-    if not frames:
-        raise Ei2Error(f"video {path} has no frames")
-    return frames
-
-
 # --- A run ---------------------------------------------------------------------------------------------------------
 
 
 def method_name(config: dict) -> str:
-    fa, temporal = config.get("frame_attention", "ffam"), config.get("temporal", "stam")
-    extra = "".join(f", {k}={config[k]}" for k in ("temporal_norm", "spectral_norm") if config.get(k) is not None)
-    if (fa, temporal) == ("ffam", "stam") and not extra:
-        return "EI² (FFAM + STAM)"
-    if (fa, temporal) == ("sca", "ta") and not extra:
-        return "Tune-A-Video (SCA + TA)"
-    return f"{fa} + {temporal}{extra}"
+    """The paper's name of a run's method when it is one of Table 1's (ei2.unet.VARIANTS), else its options."""
+    keys = ("frame_attention", "temporal", "temporal_norm", "spectral_norm")
+    run = (config.get("frame_attention", "ffam"), config.get("temporal", "stam"), config.get("temporal_norm"),
+           config.get("spectral_norm"))
+    for variant in (VARIANTS["ei2"], VARIANTS["tav"]):
+        if run == tuple(getattr(variant.video, k) for k in keys):
+            return variant.paper
+    extra = "".join(f", {k}={config[k]}" for k in keys[2:] if config.get(k) is not None)
+    return f"{run[0]} + {run[1]}{extra}"
 
 
 def _read_json(path: Path, what: str):
@@ -212,8 +165,6 @@ def resources(log: dict | None) -> dict:
 def evaluate_run(run_dir: str | Path, scorer: ClipScorer, max_frames: int | None = None,
                  progress: bool = True) -> dict:
     """Score the run's source clip (with its caption) and every edit (with its prompt); write run/metrics.json."""
-    import yaml
-
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise Ei2Error(f"{run / 'config.yaml'} not found: {run} is not a run directory of `python -m ei2.train`")

@@ -11,7 +11,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
-import os
+import importlib.metadata
 import platform
 import re
 import threading
@@ -301,7 +301,7 @@ def decode(models: Models, latents: torch.Tensor, chunk: int = 4) -> torch.Tenso
 
 def versions(device: torch.device) -> dict:
     info = {"ei2": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": str(device)}
+            "transformers": importlib.metadata.version("transformers"), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -17,109 +17,103 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
-import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .config import describe_keys, load_config, save_config
+from .config import add_help, load_config, save_config, video_options
 from .errors import Ei2Error, cli_main
 from .files import slug, write_json
-from .pipeline import (MAX_SKIPS, NonFiniteGradients, NonFiniteLoss, all_finite, encode_video, invert,
-                       load_models, make_optimizer, render, resolve_device, resolve_precision, tune_steps)
+from .mini.parse import clip_metrics, flat_scores
+from .pipeline import (MAX_SKIPS, NonFiniteGradients, NonFiniteLoss, Phase, all_finite, encode_video,
+                       invert, load_models, make_optimizer, render, resolve_device, resolve_precision, tune_steps,
+                       versions)
 from .tuned import (load_training_state, read_tuned_metadata, save_training_state, save_tuned,
                     trainable_parameters)
-from .unet import VideoOptions
-from .video import frame_grid, read_frames, side_by_side, to_uint8, write_image, write_video
+from .video import frame_grid, read_frames, side_by_side, to_uint8, write_clip, write_image, write_video
 from .weights import check_sd_folder, save_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-VIDEO_KEYS = ("frame_attention", "ratio", "temporal", "temporal_norm", "spectral_norm", "resnet_norm",
-              "temporal_norm_trainable")
 # settings that may change between an interrupted run and its --resume without changing what was computed so far
 RESUMABLE = {"steps", "checkpoint_every", "compile", "recompute_activations", "gradient_checkpointing", "edit_prompts",
              "guidance", "inference_steps", "fps", "device", "output_dir"}
 
 
-def video_options(cfg) -> VideoOptions:
-    return VideoOptions(**{k: getattr(cfg, k) for k in VIDEO_KEYS})
-
-
-class Memory:
-    """Peak memory of a phase: CUDA allocator peak on a GPU, the process's peak RSS on a CPU (in GiB)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def reset(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak_gib(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        return rss / 2**20
-
-
-def versions(device: torch.device) -> dict:
-    import transformers
-
-    info = {"ei2": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def write_clip(frames_uint8, stem: Path, fps: int) -> dict:
-    write_video(frames_uint8, stem.with_suffix(".mp4"), fps=fps)
-    write_video(frames_uint8, stem.with_suffix(".gif"), fps=fps)
-    return {"mp4": stem.with_suffix(".mp4").name, "gif": stem.with_suffix(".gif").name}
-
-
 def run(cfg, resume: bool = False, progress: bool = True) -> Path:
-    """The whole job for a resolved TrainConfig; returns the run directory."""
+    """The whole job for a resolved TrainConfig (Fig. 2 a-b): read the clip, encode it, tune (Eq. 2), invert, render
+    every edit, write the run; returns the run directory.
+
+    log.json: timings (load_s, tuning_s: encoding and tuning, inversion_s, edit_s: one per edit) and
+    peak_memory_gib, the absolute peaks (`Phase.peak_gib`) of training (tuning + inversion) and inference (edits)."""
     out = Path(cfg.output_dir)
-    ckpt = out / "checkpoints" / "last.safetensors"
+    device, precision = check_job(cfg, out, resume)
+    frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size, cfg.resize)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    log = {"loss": [], "skipped_steps": [], "timings": {}, "peak_memory_gib": {}, "versions": versions(device),
+           "precision": precision}
+    timings = log["timings"]
+
+    torch.manual_seed(cfg.seed)
+    with Phase(device, memory=False) as loading:
+        models = load(cfg, device, precision)
+    timings["load_s"] = loading.seconds
+
+    with Phase(device) as training:
+        with Phase(device, memory=False) as tuning:
+            posterior = encode_video(models, frames)
+            log["loss"], log["skipped_steps"] = tune(cfg, models, posterior, out, resume, progress)
+        timings["tuning_s"] = tuning.seconds
+        save_tuned(models.unet, out / "tuned.safetensors", cfg.model, {"steps": cfg.steps, "caption": cfg.caption})
+        with Phase(device, memory=False) as inversion:
+            x_T = invert(models, posterior, cfg.inversion_steps, progress=progress)
+        timings["inversion_s"] = inversion.seconds
+    log["peak_memory_gib"]["training"] = training.peak_gib
+    save_safetensors({"latent": x_T.float()}, out / "inverted.safetensors",
+                     metadata={"caption": cfg.caption, "inversion_steps": str(cfg.inversion_steps)})
+
+    with Phase(device) as inference:
+        source = to_uint8(frames)
+        write_clip(source, out / "source", cfg.fps)
+        edits, videos = render_edits(cfg, models, x_T, source, out, timings, progress)
+    log["peak_memory_gib"]["inference"] = inference.peak_gib
+    write_outputs(cfg, out, source, edits, videos, log)
+    return out
+
+
+def check_job(cfg, out: Path, resume: bool) -> tuple[torch.device, str]:
+    """Everything checkable before anything is written or loaded: the resume, the device, the model folder."""
     if resume:
-        check_resumable(cfg, out, ckpt)
+        check_resumable(cfg, out, out / "checkpoints" / "last.safetensors")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if precision != "fp32" and device.type != "cuda":
         raise Ei2Error(f"precision {precision} needs a CUDA device; use precision fp32 (or auto) on the CPU")
-    check_sd_folder(cfg.model)  # both inputs are checked before anything is written or loaded
-    frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size, cfg.resize)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    memory = Memory(device)
-    log = {"loss": [], "skipped_steps": [], "timings": {}, "peak_memory_gib": {}, "versions": versions(device),
-           "precision": precision}
+    check_sd_folder(cfg.model)
+    return device, precision
 
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    t0 = time.perf_counter()
+
+def load(cfg, device: torch.device, precision: str):
+    """SD inflated with the config's modules, set up for the job's memory options."""
     models = load_models(cfg.model, video_options(cfg), device, precision)
     models.unet.gradient_checkpointing = cfg.gradient_checkpointing
     models.unet.recompute_activations = cfg.recompute_activations
     if cfg.compile:
         models.unet.compile()  # in place: parameter names, checkpoints and hooks stay those of the plain module
-    log["timings"]["load_s"] = time.perf_counter() - t0
+    return models
 
-    # --- tuning (Eq. 2) ---------------------------------------------------------------------------------------
-    memory.reset()
-    t0 = time.perf_counter()
-    posterior = encode_video(models, frames)
+
+def tune(cfg, models, posterior, out: Path, resume: bool, progress: bool) -> tuple[list[float], list[int]]:
+    """One-shot tuning (Eq. 2) on the clip and its caption, checkpointed every checkpoint_every steps (continued
+    from the checkpoint under --resume); returns (loss per step, steps skipped for a non-finite gradient)."""
+    ckpt = out / "checkpoints" / "last.safetensors"
     caption = models.text.encode([cfg.caption])
     names, params = trainable_parameters(models.unet)
     optimizer = make_optimizer(models.unet, cfg.learning_rate, cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if models.precision == "fp16" else None
+    generator = torch.Generator(models.device).manual_seed(cfg.seed)
     start, losses, skipped = 0, [], []
     if resume:
         start, losses = load_training_state(ckpt, models.unet, optimizer, names, generator)
@@ -154,63 +148,47 @@ def run(cfg, resume: bool = False, progress: bool = True) -> Path:
     except NonFiniteLoss as e:
         raise Ei2Error(f"the loss became NaN/inf at step {e.step}; stopped, {kept()}; lower learning_rate or use "
                        "precision fp32, then run again (with --resume to continue from the checkpoint)") from None
-    log["loss"] = losses
-    log["skipped_steps"] = skipped
-    log["timings"]["tuning_s"] = time.perf_counter() - t0
     check_finite(cfg.steps)
-    save_tuned(models.unet, out / "tuned.safetensors", cfg.model, {"steps": cfg.steps, "caption": cfg.caption})
+    return losses, skipped
 
-    # --- inversion --------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    x_T = invert(models, posterior, cfg.inversion_steps, progress=progress)
-    log["timings"]["inversion_s"] = time.perf_counter() - t0
-    log["peak_memory_gib"]["training"] = memory.peak_gib()
-    save_safetensors({"latent": x_T.float()}, out / "inverted.safetensors",
-                     metadata={"caption": cfg.caption, "inversion_steps": str(cfg.inversion_steps)})
 
-    # --- edits ------------------------------------------------------------------------------------------------
-    memory.reset()
-    source = to_uint8(frames)
-    write_clip(source, out / "source", cfg.fps)
-    edits, rendered = [], []
-    log["timings"]["edit_s"] = []
+def render_edits(cfg, models, x_T, source, out: Path, timings: dict, progress: bool) -> tuple[list[dict], list]:
+    """Each edit prompt rendered from x_T with guided DDIM (Eq. 1) and written to edits/; returns (edits.json's
+    entries, the uint8 videos). Appends each render's seconds to timings["edit_s"]."""
+    edits, videos = [], []
+    timings["edit_s"] = []
     for i, prompt in enumerate(cfg.edit_prompts):
-        t0 = time.perf_counter()
-        video = to_uint8(render(models, x_T, prompt, cfg.guidance, cfg.inference_steps, progress=progress))
-        log["timings"]["edit_s"].append(time.perf_counter() - t0)
+        with Phase(models.device, memory=False) as rendering:
+            video = to_uint8(render(models, x_T, prompt, cfg.guidance, cfg.inference_steps, progress=progress))
+        timings["edit_s"].append(rendering.seconds)
         files = write_clip(video, out / "edits" / f"{i:02d}-{slug(prompt)}", cfg.fps)
         edits.append({"prompt": prompt, **{k: f"edits/{v}" for k, v in files.items()}, "seed": cfg.seed,
                       "guidance": cfg.guidance, "steps": cfg.inference_steps})
         if cfg.score == "mini":
             edits[-1]["mini_metrics"] = mini_scores(video, prompt, source, cfg.caption)
-        rendered.append(video)
-    log["peak_memory_gib"]["inference"] = memory.peak_gib()
+        videos.append(video)
+    return edits, videos
+
+
+def write_outputs(cfg, out: Path, source, edits: list[dict], videos: list, log: dict) -> None:
+    """edits.json, the comparison (source | edits) as a video and a frame grid, log.json."""
     write_json(edits, out / "edits.json")
     labels = ["source: " + cfg.caption] + [e["prompt"] for e in edits]
-    write_video(side_by_side([source] + rendered, labels), out / "comparison.mp4", fps=cfg.fps)
-    write_image(frame_grid([source] + rendered, labels), out / "comparison.png")
+    write_video(side_by_side([source] + videos, labels), out / "comparison.mp4", fps=cfg.fps)
+    write_image(frame_grid([source] + videos, labels), out / "comparison.png")
     write_json(log, out / "log.json")
-    return out
 
 
 def mini_scores(video, prompt: str, source, caption: str) -> dict:
     """The miniature world's exact metrics of one edit (ei2.mini.parse): per-frame attribute alignment, structure
     fidelity to the source, temporal consistency."""
-    from .mini.parse import clip_metrics
-
-    m = clip_metrics(video, prompt, source_frames=source, source_prompt=caption)
-    a, f, c = m["alignment"], m["fidelity"], m["consistency"]
-    return {"edited_attribute_match": a["edited"], "kept_attributes_match": a["unedited"], "all_attributes_match": a["all"],
-            "mask_iou_vs_source": f["iou"], "trajectory_error_px": f["trajectory_error"],
-            "attribute_stability": c["attribute_stability"], "background_change": c["background_change"]}
+    return flat_scores(clip_metrics(video, prompt, source_frames=source, source_prompt=caption))
 
 
 def check_resumable(cfg, out: Path, ckpt: Path) -> None:
     if not ckpt.is_file():
         raise Ei2Error(f"--resume: no checkpoint at {ckpt}; run without --resume to start this run")
-    from .config import load_config as _load
-
-    saved = dataclasses.asdict(_load(out / "config.yaml"))
+    saved = dataclasses.asdict(load_config(out / "config.yaml"))
     changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
     if changed:
         raise Ei2Error(f"--resume: {', '.join(changed)} differ from the interrupted run's {out / 'config.yaml'}; "
@@ -237,12 +215,11 @@ def summary(out: Path, cfg) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    keys = "\n".join(f"  --{k:<24} {desc} (default: {d!r})" for k, d, desc in describe_keys())
     p = argparse.ArgumentParser(
-        prog="python -m ei2.train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="One-shot tuning of EI² (FFAM + STAM) on a video, DDIM inversion, and text-driven edits.",
-        epilog="Any config key can be overridden on the command line:\n" + keys)
-    p.add_argument("--config", default=None,
+        prog="python -m ei2.train", add_help=False,
+        description="One-shot tuning of EI² (FFAM + STAM) on a video, DDIM inversion, and text-driven edits.")
+    add_help(p)
+    p.add_argument("--config", default=None, metavar="YAML",
                    help=f"YAML config (default: the embedded demo, {DEMO_CONFIG.relative_to(REPO)})")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -52,13 +52,7 @@ def read_frames(
             raise _too_short(path, len(files), n_frames, start, stride)
         frames = {i: _open_image(files[i]) for i in wanted}
     else:
-        ext = path.suffix.lower()
-        if ext in GIF_EXTS:
-            reader = _iter_gif(path)
-        elif ext in IMAGE_EXTS:
-            reader = _iter_image(path)  # a single image is a one-frame video
-        else:
-            reader = _iter_ffmpeg(path, last + 1)
+        reader = iter_file(path, last + 1)
         frames, count = {}, 0
         try:
             for i, frame in enumerate(reader):
@@ -82,6 +76,38 @@ def read_frames(
             raise _too_short(path, count, n_frames, start, stride)
     out = np.stack([np.asarray(fit_frame(frames[i], size, resize), dtype=np.uint8) for i in wanted])
     return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+
+
+def read_all_frames(path: str | os.PathLike, max_frames: int | None = None) -> list[np.ndarray]:
+    """Every frame (up to max_frames) of a video file, a gif, an image or a folder of images, as uint8 RGB arrays
+    (H, W, 3) at the file's own resolution (for scoring: CLIP's processor resizes)."""
+    path = Path(path)
+    if not path.exists():
+        raise Ei2Error(f"video not found: {path}")
+    limit = max_frames or 1 << 30
+    if path.is_dir():
+        files = image_files(path)[:limit]
+        if not files:
+            raise Ei2Error(f"no images in folder {path}")
+        reader = (_open_image(f) for f in files)
+    else:
+        reader = iter_file(path, limit)
+    frames = []
+    try:
+        for frame in reader:
+            frames.append(np.asarray(frame))
+            if len(frames) >= limit:
+                break
+    except Ei2Error:
+        raise
+    except Exception as e:
+        raise Ei2Error(f"could not read video {path} ({first_line(e)}); is it a valid, complete video?") from None
+    finally:
+        with contextlib.suppress(Exception):
+            reader.close()  # stops ffmpeg early
+    if not frames:
+        raise Ei2Error(f"video {path} has no frames")
+    return frames
 
 
 def _check_sampling(n_frames: int, start: int, stride: int, size: int) -> None:
@@ -126,11 +152,13 @@ def _open_image(path: Path) -> Image.Image:
         raise Ei2Error(f"could not read image {path} ({first_line(e)}); remove or replace it") from None
 
 
-def _iter_image(path: Path) -> Iterator[Image.Image]:
-    yield _open_image(path)
+def iter_file(path: Path, max_frames: int) -> Iterator[Image.Image]:
+    """The RGB frames of a video file, in order: Pillow's for a gif or an image (a still image is a one-frame video),
+    ffmpeg's (decoding at most max_frames) for anything else."""
+    return _iter_pillow(path) if path.suffix.lower() in GIF_EXTS + IMAGE_EXTS else _iter_ffmpeg(path, max_frames)
 
 
-def _iter_gif(path: Path) -> Iterator[Image.Image]:
+def _iter_pillow(path: Path) -> Iterator[Image.Image]:
     with Image.open(path) as im:
         for i in range(getattr(im, "n_frames", 1)):
             im.seek(i)
@@ -220,6 +248,14 @@ def write_video(frames: np.ndarray | Sequence[np.ndarray], path: str | os.PathLi
             _write_mp4(frames, shape, tmp, fps)
     return path
 
+
+
+def write_clip(frames: np.ndarray, stem: Path, fps: float) -> dict:
+    """The clip as `stem`.mp4 and `stem`.gif; returns their file names {"mp4": ..., "gif": ...}."""
+    stem = Path(stem)
+    for ext in (".mp4", ".gif"):
+        write_video(frames, stem.with_suffix(ext), fps=fps)
+    return {"mp4": stem.with_suffix(".mp4").name, "gif": stem.with_suffix(".gif").name}
 
 def _write_mp4(frames, shape, tmp: Path, fps: float) -> None:
     import imageio_ffmpeg

@@ -169,7 +169,7 @@ def test_tav_config_is_tune_a_video_as_published():
     DDIM 50, gradient checkpointing)."""
     from pathlib import Path
 
-    from ei2.train import video_options
+    from ei2.config import video_options
     from ei2.unet import VideoOptions
 
     c = load_config(Path(__file__).resolve().parents[1] / "configs" / "tav.yaml")

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from ei2.evaluate import ClipScorer, main, read_all_frames
+from ei2.evaluate import ClipScorer, main
+from ei2.mini.tokenizer import write_tiny_text_model
+from ei2.mini.world import demo_frames, draw_scene
 from ei2.stats import frame_consistency, textual_alignment
-from ei2.text import write_tiny_text_model
-from ei2.video import demo_frames, draw_scene, write_video
+from ei2.video import read_all_frames, write_video
 
 WORDS = ["a", "red", "blue", "circle", "square", "moving", "on", "white", "painting"]
 

@@ -188,7 +188,7 @@ def test_resize_reaches_the_frames(assets, tmp_path, monkeypatch):
 
 
 def test_module_keys_reach_the_model(assets, tmp_path):
-    from ei2.train import video_options
+    from ei2.config import video_options
 
     assert video_options(cfg_for(assets, tmp_path, temporal_norm_trainable=True)).temporal_norm_trainable is True
     assert video_options(cfg_for(assets, tmp_path, frame_attention="sca", temporal="ta")).temporal == "ta"
