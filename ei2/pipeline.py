@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import transformers
 from tqdm.auto import tqdm
 
 from . import __version__, ddim

@@ -249,13 +249,13 @@ def write_video(frames: np.ndarray | Sequence[np.ndarray], path: str | os.PathLi
     return path
 
 
-
 def write_clip(frames: np.ndarray, stem: Path, fps: float) -> dict:
     """The clip as `stem`.mp4 and `stem`.gif; returns their file names {"mp4": ..., "gif": ...}."""
     stem = Path(stem)
     for ext in (".mp4", ".gif"):
         write_video(frames, stem.with_suffix(ext), fps=fps)
     return {"mp4": stem.with_suffix(".mp4").name, "gif": stem.with_suffix(".gif").name}
+
 
 def _write_mp4(frames, shape, tmp: Path, fps: float) -> None:
     import imageio_ffmpeg
