@@ -204,6 +204,20 @@ MUTATIONS = [
 ]
 
 
+def cited_tests() -> set[str]:
+    """The test functions that README's "The paper in the code" table cites (its last column)."""
+    text = (ROOT / "README.md").read_text()
+    table = text.split("## The paper in the code", 1)[1].split("\n\n", 2)[1]
+    return {name for line in table.splitlines() if line.startswith("|")
+            for name in re.findall(r"\[`(test_\w+)`\]", line.rsplit("|", 2)[-2])}
+
+
+def uncovered(mutations: list[Mutation]) -> list[str]:
+    """Cited tests that no mutation names: nothing shows they fail when their line breaks."""
+    named = {t.split("::")[-1].split("[")[0] for m in mutations for t in m.tests}
+    return sorted(cited_tests() - named)
+
+
 def copy_repo(dst: Path) -> None:
     shutil.copytree(ROOT, dst, ignore=IGNORE, symlinks=True)
 
@@ -253,6 +267,10 @@ def main(argv=None) -> int:
             print(f"{m.name} ({m.file}): {m.what}\n    " + "\n    ".join(m.tests))
         return 0
     rows, bad = [], 0
+    missing = uncovered(MUTATIONS)
+    if missing:
+        print(f"README cites tests that no mutation checks: {', '.join(missing)}", flush=True)
+        bad += 1
     with tempfile.TemporaryDirectory(prefix="ei2-mutate-") as tmp:
         tmp = Path(tmp)
         # snippets are checked up front against the working tree, so a stale list fails before any test runs
@@ -266,7 +284,8 @@ def main(argv=None) -> int:
                 rows.append((m.name, m.tests, f"ERROR: {why}"))
                 bad += 1
         if bad or args.check:
-            print(f"snippets: {len(chosen) - bad} of {len(chosen)} mutations apply", flush=True)
+            stale = sum(1 for r in rows if r[2].startswith("ERROR"))
+            print(f"snippets: {len(chosen) - stale} of {len(chosen)} mutations apply", flush=True)
             chosen = []
         if chosen and not args.no_baseline:
             base = tmp / "baseline"
@@ -299,7 +318,7 @@ def main(argv=None) -> int:
             rows.append((m.name, m.tests, verdict))
             print(f"{m.name}: {verdict} ({time.time() - t0:.0f} s)" + (f" {failed}" if args.each else ""), flush=True)
     if not rows:
-        return 0
+        return 1 if bad else 0
     width = max(len(r[0]) for r in rows)
     print()
     print(f"{'mutation':<{width}} | tests | caught/survived")
