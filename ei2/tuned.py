@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from .errors import Ei2Error
@@ -75,8 +76,6 @@ def save_tuned(unet: UNet, path: str | os.PathLike, base_model: str, extra: dict
 
 def read_tuned_metadata(path: str | os.PathLike) -> dict:
     """The ei2 metadata of a tuned file or training checkpoint; refuses one written by another format."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise Ei2Error(f"tuned weights not found: {path}; run `python -m ei2.train` first")

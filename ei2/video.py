@@ -12,9 +12,10 @@ import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import imageio_ffmpeg
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import GifImagePlugin, Image, ImageDraw, ImageFont
 
 from .files import atomic_path, first_line
 from .errors import Ei2Error
@@ -166,8 +167,6 @@ def _iter_pillow(path: Path) -> Iterator[Image.Image]:
 
 
 def _iter_ffmpeg(path: Path, max_frames: int) -> Iterator[Image.Image]:
-    import imageio_ffmpeg
-
     gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=["-frames:v", str(max_frames)])
     try:
         meta = next(gen)
@@ -258,8 +257,6 @@ def write_clip(frames: np.ndarray, stem: Path, fps: float) -> dict:
 
 
 def _write_mp4(frames, shape, tmp: Path, fps: float) -> None:
-    import imageio_ffmpeg
-
     h, w = shape[:2]
     ph, pw = h % 2, w % 2  # yuv420p needs even sizes
     writer = imageio_ffmpeg.write_frames(
@@ -281,8 +278,6 @@ def _write_mp4(frames, shape, tmp: Path, fps: float) -> None:
 def _write_gif(frames, shape, tmp: Path, fps: float) -> None:
     # Pillow's save_all merges a frame equal to the previous one into it, which would change the frame count, so the
     # file is assembled from Pillow's per-frame GIF encoder: each frame gets its own (local) palette.
-    from PIL import GifImagePlugin
-
     duration = max(1, round(1000 / fps))
     with open(tmp, "wb") as f:
         for i, frame in enumerate(frames):
