@@ -1,4 +1,5 @@
-"""CompVis -> diffusers key maps: against the published key table, diffusers' own key set and diffusers' converter."""
+"""CompVis -> diffusers key maps: against the published key table, diffusers' own key set and diffusers' converter;
+the SD-folder check."""
 
 import dataclasses
 
@@ -8,7 +9,7 @@ import torch
 from conftest import KEYS_TSV
 from ei2.errors import Ei2Error
 from ei2.unet import UNetConfig
-from ei2.weights import compvis_text_key_map, compvis_unet_key_map, from_compvis
+from ei2.weights import check_sd_folder, compvis_text_key_map, compvis_unet_key_map, from_compvis
 
 # structures beyond SD v1's: fewer/more layers, attention at other levels, three levels
 VARIANTS = [
@@ -114,3 +115,27 @@ def test_from_compvis_many_missing_keys_are_summarised():
         from_compvis({}, key_map, "empty.safetensors")
     msg = str(e.value)
     assert "196 of the 196" in msg and "empty.safetensors" in msg and msg.count("cond_stage_model") <= 5
+
+
+def test_sd_folder_check_lists_every_missing_file_in_one_line(tmp_path):
+    """One check for the whole SD folder (the job's and the text encoder's): every absent file, in one message."""
+    root = tmp_path / "sd"
+    (root / "unet").mkdir(parents=True)
+    (root / "unet" / "config.json").write_text("{}")
+    (root / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")  # any listed weight name will do
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "vocab.json").write_text("{}")
+    with pytest.raises(Ei2Error) as e:
+        check_sd_folder(root)
+    msg = str(e.value)
+    assert msg.startswith(f"incomplete model folder {root}: missing vae/config.json, "
+                          "vae/diffusion_pytorch_model.safetensors, text_encoder/config.json, "
+                          "text_encoder/model.safetensors, tokenizer/merges.txt, tokenizer/tokenizer_config.json, "
+                          "tokenizer/special_tokens_map.json;")
+    assert "weights/README.md" in msg and "unet/" not in msg and "\n" not in msg
+    check_sd_folder(root, ("unet",))  # only the parts asked for
+    with pytest.raises(Ei2Error, match=f"model not found at {tmp_path / 'nowhere'}.*weights/README.md"):
+        check_sd_folder(tmp_path / "nowhere")
+    single = tmp_path / "sd-v1-4.ckpt"
+    single.write_bytes(b"")
+    check_sd_folder(single)  # a single file's keys are checked when it is read
