@@ -178,3 +178,44 @@ def test_tav_config_is_tune_a_video_as_published():
     assert (c.learning_rate, c.steps, c.seed, c.guidance) == (3e-5, 500, 33, 12.5)
     assert (c.inference_steps, c.inversion_steps, c.weight_decay, c.grad_clip) == (50, 50, 1e-2, 1.0)
     assert c.gradient_checkpointing and c.caption == "a jeep car is moving on the road" and len(c.edit_prompts) == 4
+
+
+def test_help_lists_every_key_with_default_and_help(capsys):
+    """`python -m ei2.train --help`: the tool's options, then every config key (from the fields) with its default and
+    the README table's help; the keys stay out of argparse's parsing (load_config reads them)."""
+    from ei2.train import main, parser
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = "".join(capsys.readouterr().out.split())  # argparse wraps lines (also at a dash): compare without spaces
+
+    def has(text):
+        return "".join(text.split()) in out
+
+    assert has("--config YAML") and has("--resume") and has("[--KEY VALUE ...]")
+    for key, default, text in describe_keys():
+        assert has(f"--{key} ") and has(f"{text} (default: {default!r})"), key
+    assert has("--edit_prompts [TEXT ...]") and has("--compile [BOOL]") and has("--temporal_norm TEXT|null")
+    args, rest = parser().parse_known_args(["--config", "x.yaml", "--steps", "3", "--resume"])
+    assert args.config == "x.yaml" and args.resume and rest == ["--steps", "3"]
+
+
+def test_every_video_option_is_a_config_key_checked_by_video_options():
+    """The UNet's options are TrainConfig keys by the same names; their allowed values are VideoOptions' (one
+    definition each in ei2.attention / ei2.unet), reached through config validation."""
+    from ei2.attention import FRAME_ATTENTIONS, TEMPORAL_NORMS
+    from ei2.config import COERCE, TYPES, VIDEO_KEYS, video_options
+    from ei2.unet import RESNET_NORMS, TEMPORALS, VideoOptions
+
+    assert VIDEO_KEYS == tuple(f.name for f in dataclasses.fields(VideoOptions))
+    assert set(VIDEO_KEYS) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert video_options(TrainConfig()) == VideoOptions()
+    assert all((tp if tp in COERCE else next(a for a in tp.__args__ if a is not type(None))) in COERCE
+               for tp in TYPES.values())
+    for key, allowed in [("frame_attention", FRAME_ATTENTIONS), ("temporal", TEMPORALS),
+                         ("temporal_norm", TEMPORAL_NORMS), ("resnet_norm", RESNET_NORMS)]:
+        for value in allowed:
+            assert getattr(load_config(None, REQUIRED + [f"--{key}", value]), key) == value
+        with pytest.raises(Ei2Error, match=f"^{key}='bad' is not one of .*{allowed[-1]}$"):
+            load_config(None, REQUIRED + [f"--{key}", "bad"])

@@ -74,6 +74,7 @@ def test_every_output_exists_and_decodes(finished):
     assert len(log["loss"]) == cfg.steps and all(np.isfinite(log["loss"]))
     assert {"tuning_s", "inversion_s", "edit_s"} <= set(log["timings"]) and len(log["timings"]["edit_s"]) == 2
     assert log["peak_memory_gib"]["training"] > 0 and log["versions"]["torch"] == torch.__version__
+    assert log["peak_memory_gib"]["inference"] > 0 and log["timings"]["load_s"] > 0
     assert read_state_dict(out / "inverted.safetensors")["latent"].shape == (1, 4, N, SIZE // 8, SIZE // 8)
 
 
@@ -450,3 +451,32 @@ def test_bf16_job_encodes_the_clip_in_fp32(assets):
     assert torch.equal(got.mean, ref.mean) and torch.equal(got.logvar, ref.logvar)
     assert models.vae.decoder.conv_in.weight.dtype == models.vae.post_quant_conv.weight.dtype == torch.bfloat16
     assert decode(models, got.mean[:1] * models.vae.config.scaling_factor).shape == (1, 3, SIZE, SIZE)
+
+
+# --- the one phase timer + peak-memory meter (train, the mini benchmark and benchmarks/bench read it) ---------------
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["VmHWM", "sampled"])
+def test_phase_reports_absolute_peak_and_increase(monkeypatch, reset):
+    """A phase that holds 256 MiB: `increase` is about that, `peak` is the absolute high-water mark above it; where
+    VmHWM cannot be reset the resident set is sampled instead; memory=False times only."""
+    import time
+
+    import ei2.pipeline
+    from ei2.pipeline import Phase
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("the CPU meter reads /proc (Linux)")
+    if not reset:
+        monkeypatch.setattr(ei2.pipeline, "_reset_peak_rss", lambda: False)
+    with Phase("cpu") as phase:
+        held = torch.ones(64 * 2**20)  # 256 MiB, touched
+        time.sleep(0.05)
+        del held
+    assert phase.seconds >= 0.05
+    assert 250 <= phase.increase_mib <= 300 and phase.peak_mib >= phase.start_bytes / 2**20 + phase.increase_mib - 1
+    assert phase.peak_gib == pytest.approx(phase.peak_mib / 1024)
+    assert phase.increase_gib == pytest.approx(phase.increase_mib / 1024)
+    with Phase("cpu", memory=False) as timed:
+        pass
+    assert timed.seconds >= 0 and timed.peak_gib is None and timed.increase_gib is None
