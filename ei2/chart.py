@@ -1,4 +1,4 @@
-"""Line charts drawn with Pillow (no plotting library): ei2.diagnose's per-layer panels, ei2.mini.pretrain's losses.
+"""Line charts drawn with Pillow (no plotting library): ei2.diagnose's per-layer panels, ei2.mini.samples' loss curves.
 
     img, draw = canvas(900, 320)
     panel(draw, (60, 40, 880, 280), [Series("loss", losses, RED, xs=steps, markers=False)], title="loss",

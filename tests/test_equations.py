@@ -153,7 +153,7 @@ def test_tune_steps_is_eq2(tiny_models):
     spectral-norm vectors) on the hand x_t; its gradients must equal the spied ones. Then AdamW's first update equals
     -lr g_c / (|g_c| + eps) - lr wd p with g_c those gradients clipped to total norm 1. Fails when t is drawn from [0, 10), when the latent scale is dropped, when
     the draws are reordered or the schedule changes."""
-    from ei2.video import demo_frames
+    from ei2.mini.world import demo_frames
     from ei2.pipeline import encode_video, load_models, make_optimizer, tune_steps
     from ei2.vae import VAEConfig
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from tiny_model import write_random_model
 
+from ei2.mini.world import demo_frames
 from ei2.pipeline import encode_video, load_models, tune_steps
 from ei2.tuned import trainable_parameters
 from ei2.unet import VideoOptions
-from ei2.video import demo_frames
 
 STEPS = 6
 

@@ -11,8 +11,10 @@ from tiny_model import write_random_model
 
 from ei2.mini import benchmark, parse, world
 from ei2.mini.benchmark import COLUMNS, aggregate, main, sample_metrics, suite, summarize
+from ei2.mini.samples import HELD_OUT
+from ei2.unet import VARIANTS, UNet, UNetConfig, mark_trainable
 
-ROW_KEYS = {"method", "description", "by_edit"} | {k for k, _, _ in COLUMNS}
+ROW_KEYS = {"method", "description", "by_edit"} | {k for k, *_ in COLUMNS}
 STAT_KEYS = {"mean", "std", "std_samples", "n", "n_seeds"}
 
 
@@ -31,7 +33,7 @@ def test_quick_writes_one_row_per_method(quick_run):
     assert [row["method"] for row in results["table"]] == ["ei2", "tav"]
     for row in results["table"]:
         assert set(row) == ROW_KEYS
-        for key, _, _ in COLUMNS:
+        for key, *_ in COLUMNS:
             assert set(row[key]) == STAT_KEYS
             assert math.isfinite(row[key]["mean"]) and row[key]["std"] == 0.0  # one seed
         assert row["align_edited"]["n"] == 1 and set(row["by_edit"]) == {"color"}
@@ -54,7 +56,7 @@ def test_table_numbers_equal_the_json(quick_run):
         line = next(l for l in md.splitlines() if l.startswith(f"| {row['method']} |") and "±" in l)
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         assert cells[0] == row["method"] and int(cells[-1]) == row["align_edited"]["n"]
-        for (key, _, decimals), cell in zip(COLUMNS, cells[1:-1]):
+        for (key, _, _, decimals), cell in zip(COLUMNS, cells[1:-1]):
             mean, std = (float(x) for x in re.fullmatch(r"(-?[\d.]+) ± ([\d.]+)", cell).groups())
             assert mean == pytest.approx(row[key]["mean"], abs=0.51 * 10**-decimals), key
             assert std == pytest.approx(row[key]["std"], abs=0.51 * 10**-decimals), key
@@ -73,7 +75,7 @@ def test_aggregate_over_seeds_by_hand():
 
 
 def test_summarize_uses_runs_for_time_and_memory():
-    metrics = {k: 0.5 for k, _, _ in COLUMNS if k not in benchmark.RUN_KEYS}
+    metrics = {k: 0.5 for k, *_ in COLUMNS if k not in benchmark.RUN_KEYS}
     samples = [{"method": "ei2", "edit": e, "seed": s, **metrics, "align_edited": v}
                for s, e, v in [(0, "color", 1.0), (0, "shape", 0.0), (1, "color", 0.5), (1, "shape", 0.5)]]
     runs = [{"method": "ei2", "seed": 0, "tuning_s": 10.0, "peak_mib": 100.0},
@@ -87,8 +89,6 @@ def test_summarize_uses_runs_for_time_and_memory():
 
 def test_suite_edits_and_ideal_scores():
     clips = suite(len(benchmark.CLIPS), list(parse.ATTRIBUTES))
-    from ei2.mini.pretrain import HELD_OUT
-
     for clip in clips:
         src = world.parse_caption(clip["caption"])
         assert (src["color"], src["shape"], src["background"]) not in HELD_OUT
@@ -105,10 +105,9 @@ def test_suite_edits_and_ideal_scores():
 def test_fig4_layernorm_rows():
     """Fig. 4's "LayerNorm" row (`ta_ln`) tunes the temporal LayerNorm's affine with TA; "LayerNorm*" (`ta_ln_noaffine`)
     has none; Tune-A-Video (`tav`) keeps it frozen. Both LayerNorm rows are in the default suite and the Fig. 4 chart."""
-    from ei2.unet import UNet, UNetConfig, VideoOptions, mark_trainable
 
     def tuned_norms(method):
-        m = UNet(UNetConfig.tiny(), VideoOptions(**benchmark.METHODS[method].video))
+        m = UNet(UNetConfig.tiny(), VARIANTS[method].options())
         mark_trainable(m)
         return sum(p.numel() for n, p in m.named_parameters() if ".norm_temp." in n and p.requires_grad)
 
@@ -117,8 +116,8 @@ def test_fig4_layernorm_rows():
     defaults = benchmark.DEFAULT_METHODS.split(",")
     for name in ("ta_ln", "ta_ln_noaffine"):
         assert name in defaults and name in benchmark.DIAGNOSE_SETS["diagnose-fig4"]
-    assert "Fig. 4 LayerNorm)" in benchmark.METHODS["ta_ln"].description
-    assert "Fig. 4 LayerNorm*" in benchmark.METHODS["ta_ln_noaffine"].description
+    assert "Fig. 4 LayerNorm)" in VARIANTS["ta_ln"].label
+    assert "Fig. 4 LayerNorm*" in VARIANTS["ta_ln_noaffine"].label
 
 
 def test_bad_arguments_are_one_line_errors(capsys):

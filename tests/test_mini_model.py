@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ei2.ddim import alphas_cumprod
-from ei2.mini import pretrain, world
+from ei2.mini import pretrain, samples, world
 from ei2.text import TextEncoder
 from ei2.unet import UNet, UNetConfig
 from ei2.vae import AutoencoderKL, VAEConfig
@@ -34,7 +34,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def models(one_thread):
-    unet = UNet.from_pretrained(MODEL, **pretrain.IMAGE_OPTIONS).eval()
+    unet = UNet.from_pretrained(MODEL, **samples.IMAGE_OPTIONS).eval()
     vae = AutoencoderKL.from_pretrained(MODEL)
     text = TextEncoder.from_pretrained(MODEL)
     return unet, vae, text
@@ -84,16 +84,16 @@ def test_tokenizer_has_one_token_per_word(models):
 
 def test_golden_eps(models, golden):
     unet, vae, text = models
-    ctx = text.encode([pretrain.GOLDEN_CAPTION]).float()
+    ctx = text.encode([samples.GOLDEN_CAPTION]).float()
     torch.testing.assert_close(ctx, golden["context"], atol=1e-5, rtol=1e-4)
-    x, _, t = pretrain.golden_inputs(vae.config.sample_size // 8)
+    x, _, t = samples.golden_inputs(vae.config.sample_size // 8)
     with torch.no_grad():
         eps = unet(x, t, ctx)
     torch.testing.assert_close(eps, golden["eps"], atol=1e-4, rtol=1e-3)
 
 
 def test_golden_five_step_ddim_sample(models, golden):
-    out = pretrain.golden_outputs(*models)
+    out = samples.golden_outputs(*models)
     torch.testing.assert_close(out["sample_latent"], golden["sample_latent"], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(out["sample_image"], golden["sample_image"], atol=2e-3, rtol=1e-3)
 
@@ -103,7 +103,7 @@ def test_inflated_unet_with_one_frame_is_the_image_model(models):
     self-attention and STAM is the identity, so the inflated UNet reproduces the image model."""
     unet, vae, text = models
     video = UNet.from_pretrained(MODEL).eval()  # default VideoOptions: ffam + stam
-    x, _, t = pretrain.golden_inputs(vae.config.sample_size // 8)
+    x, _, t = samples.golden_inputs(vae.config.sample_size // 8)
     ctx = text.encode(["a blue square on a black background"])
     with torch.no_grad():
         torch.testing.assert_close(video(x, t, ctx), unet(x, t, ctx), atol=1e-5, rtol=1e-4)
@@ -124,7 +124,7 @@ def test_samples_read_as_their_captions(models):
     from ei2.mini.parse import parse_frame
 
     captions = ["a red circle on a white background"] * 4 + ["a blue square on a black background"] * 4
-    images = pretrain.generate(*models, captions, seed=5, steps=25)
+    images = samples.generate(*models, captions, seed=5, steps=25)
     ok = 0
     for im, cap in zip(images, captions):
         want, got = world.parse_caption(cap), parse_frame(im)

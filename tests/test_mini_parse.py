@@ -194,3 +194,7 @@ def test_clip_metrics_on_an_ideal_edit():
     assert m["alignment"]["all"] == 1.0 and m["alignment"]["edited"] == 1.0 and m["alignment"]["unedited"] == 1.0
     assert m["fidelity"]["iou"] > 0.97 and m["fidelity"]["trajectory_error"] < 0.2
     assert m["consistency"] == {"attribute_stability": 1.0, "background_change": 0.0}
+    flat = parse.flat_scores(m)  # edits.json's mini_metrics and the mini benchmark's columns
+    assert list(flat) == list(parse.SCORES) and flat["edited_attribute_match"] == flat["all_attributes_match"] == 1.0
+    assert flat["mask_iou_vs_source"] == m["fidelity"]["iou"] and flat["background_change"] == 0.0
+    assert flat["trajectory_error_px"] == m["fidelity"]["trajectory_error"] and flat["attribute_stability"] == 1.0

@@ -16,7 +16,9 @@ from ei2 import ddim
 from ei2.config import load_config
 from ei2.edit import edit
 from ei2.errors import Ei2Error
-from ei2.errors import Ei2Error
+from ei2.mini.world import make_demo_clip
+from ei2.pipeline import Phase, decode, encode_video, load_models, tune_steps
+from ei2.text import TextEncoder
 from ei2.train import main, run
 from ei2.tuned import load_tuned_unet, read_tuned_metadata
 from ei2.unet import is_temporal_key, is_trainable_key
@@ -28,6 +30,7 @@ N, SIZE = 4, 64
 
 
 @pytest.fixture(scope="module")
+from ei2.video import read_frames
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     return write_random_model(root / "model"), make_demo_clip(root / "clip.gif", n_frames=6, size=SIZE)

@@ -21,13 +21,9 @@ and the Fig. 4 norm variants: chart, table, json), tuned/ (those models' tuned t
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
-import gc
 import json
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,42 +31,17 @@ import numpy as np
 import torch
 
 from .. import diagnose as diag
-from ..files import atomic_path
 from ..errors import Ei2Error, cli_main
-from ..pipeline import (encode_video, invert, load_models, make_optimizer, render, resolve_device, resolve_precision,
-                        tune_steps)
+from ..files import atomic_path
+from ..pipeline import (Phase, encode_video, invert, load_models, make_optimizer, render, resolve_device,
+                        resolve_precision, tune_steps)
 from ..tuned import save_tuned
-from ..unet import VideoOptions
+from ..unet import VARIANTS, Variant
 from ..video import frame_grid, to_uint8, write_image
 from . import parse, world
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-    description: str
-    video: dict
-    tuned: bool = True  # False: the image model as loaded, no tuning (steps = 0)
-
-
-SCA = dict(frame_attention="sca")
-METHODS = {
-    "ei2": Method("EI² (FFAM r=2 + STAM)", dict(frame_attention="ffam", ratio=2, temporal="stam")),
-    "tav": Method("Tune-A-Video (SCA + TA, LayerNorm, affine frozen)", dict(SCA, temporal="ta")),
-    "sca_stam": Method("SCA + STAM (TAV with TA -> STAM)", dict(SCA, temporal="stam")),
-    "ffam_ta": Method("FFAM r=2 + TA (EI² with STAM -> TA)", dict(frame_attention="ffam", ratio=2, temporal="ta")),
-    "ta_ln": Method("SCA + TA, LayerNorm with its affine tuned (Fig. 4 LayerNorm)",
-                    dict(SCA, temporal="ta", temporal_norm="layernorm", spectral_norm=False,
-                         temporal_norm_trainable=True)),
-    "ta_ln_noaffine": Method("SCA + TA, LayerNorm w/o affine (Fig. 4 LayerNorm*)",
-                             dict(SCA, temporal="ta", temporal_norm="layernorm_noaffine", spectral_norm=False)),
-    "ta_no_norm": Method("SCA + TA, no norm (Fig. 4)", dict(SCA, temporal="ta", temporal_norm="none", spectral_norm=False)),
-    "ta_instancenorm": Method("SCA + TA, InstanceNorm (Fig. 4)",
-                              dict(SCA, temporal="ta", temporal_norm="instancenorm", spectral_norm=False)),
-    "ta_ic": Method("SCA + TA, Instance Centering, no SN (Fig. 4)",
-                    dict(SCA, temporal="ta", temporal_norm="ic", spectral_norm=False)),
-    "untuned": Method("image model frame by frame, untuned (floor)",
-                      dict(frame_attention="self", temporal="none", resnet_norm="frame"), tuned=False),
-}
+# --methods names the keys of ei2.unet.VARIANTS (EI², Tune-A-Video, SCA + STAM, FFAM + TA, Fig. 4 rows, untuned)
 DEFAULT_METHODS = "ei2,tav,sca_stam,ta_ln,ta_ln_noaffine,ta_no_norm,ta_instancenorm,ta_ic,untuned"
 QUICK_METHODS = "ei2,tav"
 # covariate-shift charts (ei2.diagnose) of the methods tuned on the first clip: TA vs STAM, and Fig. 4's norm variants
@@ -78,7 +49,7 @@ DIAGNOSE_SETS = {"diagnose": ["tav", "sca_stam", "ei2"],
                  "diagnose-fig4": ["tav", "ta_ln", "ta_ln_noaffine", "ta_no_norm", "ta_instancenorm", "ta_ic",
                                    "sca_stam"]}
 
-# (source clip: world.make_clip arguments, {edited attribute: new value}); no edit lands on pretrain.HELD_OUT
+# (source clip: world.make_clip arguments, {edited attribute: new value}); no edit lands on samples.HELD_OUT
 CLIPS = [
     (dict(shape="circle", color="red", background="white", motion="right", seed=0),
      {"color": "blue", "shape": "square", "background": "green"}),
@@ -87,18 +58,18 @@ CLIPS = [
     (dict(shape="star", color="yellow", background="black", motion="orbiting", seed=2),
      {"color": "red", "shape": "circle", "background": "blue"}),
 ]
-# table columns: (key, header, decimals); per edited clip unless marked per run
+# table columns: (key, the parse.SCORES number it shows or None for a per-run number, header, decimals)
 COLUMNS = [
-    ("align_edited", "alignment (edited attr) ↑", 2),
-    ("align_kept", "alignment (kept attrs) ↑", 2),
-    ("iou", "fidelity IoU ↑", 2),
-    ("trajectory_px", "trajectory error px ↓", 1),
-    ("consistency", "consistency (attr. stability) ↑", 2),
-    ("bg_change", "background change /255 ↓", 1),
-    ("tuning_s", "tuning s (per run)", 1),
-    ("peak_mib", "peak memory MiB (per run)", 0),
+    ("align_edited", "edited_attribute_match", "alignment (edited attr) ↑", 2),
+    ("align_kept", "kept_attributes_match", "alignment (kept attrs) ↑", 2),
+    ("iou", "mask_iou_vs_source", "fidelity IoU ↑", 2),
+    ("trajectory_px", "trajectory_error_px", "trajectory error px ↓", 1),
+    ("consistency", "attribute_stability", "consistency (attr. stability) ↑", 2),
+    ("bg_change", "background_change", "background change /255 ↓", 1),
+    ("tuning_s", None, "tuning s (per run)", 1),
+    ("peak_mib", None, "peak memory MiB (per run)", 0),
 ]
-RUN_KEYS = ("tuning_s", "peak_mib")
+RUN_KEYS = tuple(key for key, score, _, _ in COLUMNS if score is None)
 
 
 def suite(n_clips: int, edits: list[str]) -> list[dict]:
@@ -114,87 +85,43 @@ def suite(n_clips: int, edits: list[str]) -> list[dict]:
     return out
 
 
-class PeakMemory:
-    """Peak memory of a phase in MiB: the CUDA allocator's peak on a GPU; on a CPU the process's resident memory,
-    sampled every 5 ms by a thread, above its level at start (freed heap is returned to the OS first: malloc_trim)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return self
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:  # not glibc
-            pass
-        self.base = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self.rss())
-        self.mib = (self.peak - self.base) / 2**20
-
-
-def run_one(args, method: Method, clip: dict, seed: int, device, precision: str, tuned_path: Path | None = None):
-    """Tune (unless untuned), invert, render each edit; returns (run record, [uint8 frames per edit])."""
+def run_one(args, variant: Variant, clip: dict, seed: int, device, precision: str, tuned_path: Path | None = None):
+    """Tune (unless untuned), invert, render each edit; returns (run record, [uint8 frames per edit]). peak_mib: the
+    memory increase over the start of tuning + inversion (pipeline.Phase)."""
     torch.manual_seed(seed)  # the fresh temporal modules' initialization
-    t0 = time.perf_counter()
-    models = load_models(args.model, VideoOptions(**method.video), device, precision)
-    load_s = time.perf_counter() - t0
+    with Phase(device, memory=False) as loading:
+        models = load_models(args.model, variant.options(), device, precision)
     frames = torch.from_numpy(clip["frames"]).permute(0, 3, 1, 2).float() / 127.5 - 1
     posterior = encode_video(models, frames)
-    steps = args.steps if method.tuned else 0
+    steps = args.steps if variant.tuned else 0
     losses: list[float] = []
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        if steps:
-            optimizer = make_optimizer(models.unet, args.lr, 1e-2)
-            generator = torch.Generator(device).manual_seed(seed)
-            tune_steps(models, posterior, models.text.encode([clip["caption"]]), optimizer, generator, 0, steps, 1.0,
-                       on_sync=lambda step, values: losses.extend(values), progress=False)
-        tuning_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        x_T = invert(models, posterior, args.inversion_steps, progress=False)
-        inversion_s = time.perf_counter() - t0
+    with Phase(device) as mem:
+        with Phase(device, memory=False) as tuning:
+            if steps:
+                optimizer = make_optimizer(models.unet, args.lr, 1e-2)
+                generator = torch.Generator(device).manual_seed(seed)
+                tune_steps(models, posterior, models.text.encode([clip["caption"]]), optimizer, generator, 0, steps,
+                           1.0, on_sync=lambda step, values: losses.extend(values), progress=False)
+        with Phase(device, memory=False) as inversion:
+            x_T = invert(models, posterior, args.inversion_steps, progress=False)
     if tuned_path is not None:
         save_tuned(models.unet, tuned_path, args.model, {"steps": steps, "caption": clip["caption"]})
-    t0 = time.perf_counter()
-    videos = [to_uint8(render(models, x_T, e["prompt"], args.guidance, args.inference_steps, progress=False))
-              for e in clip["edits"]]
-    record = {"load_s": load_s, "tuning_s": tuning_s, "inversion_s": inversion_s,
-              "render_s": time.perf_counter() - t0, "peak_mib": mem.mib, "steps": steps,
+    with Phase(device, memory=False) as rendering:
+        videos = [to_uint8(render(models, x_T, e["prompt"], args.guidance, args.inference_steps, progress=False))
+                  for e in clip["edits"]]
+    record = {"load_s": loading.seconds, "tuning_s": tuning.seconds, "inversion_s": inversion.seconds,
+              "render_s": rendering.seconds, "peak_mib": mem.increase_mib, "steps": steps,
               "final_loss": float(np.mean(losses[-10:])) if losses else None}
     return record, videos
 
 
 def sample_metrics(video: np.ndarray, edit: dict, source_caption: str) -> dict:
+    """The table's numbers of one edited clip (parse.flat_scores, scored against the ideal edit), the fraction of
+    frames matching each attribute of the prompt, and what the parser sees most often."""
     m = parse.clip_metrics(video, edit["prompt"], source_frames=edit["ideal"], source_prompt=source_caption)
-    a, f, c = m["alignment"], m["fidelity"], m["consistency"]
-    return {"align_edited": a["edited"], "align_kept": a["unedited"], "iou": f["iou"],
-            "trajectory_px": f["trajectory_error"], "consistency": c["attribute_stability"],
-            "bg_change": c["background_change"], "parsed_attributes": {k: a[k] for k in parse.ATTRIBUTES},
-            "parsed_majority": majority(video)}
+    flat = parse.flat_scores(m)
+    return {key: flat[score] for key, score, _, _ in COLUMNS if score} | {
+        "parsed_attributes": {k: m["alignment"][k] for k in parse.ATTRIBUTES}, "parsed_majority": majority(video)}
 
 
 def majority(video: np.ndarray) -> dict:
@@ -231,8 +158,8 @@ def summarize(samples: list[dict], runs: list[dict], methods: list[str]) -> list
         s = [r for r in samples if r["method"] == name]
         if not s:
             continue
-        row = {"method": name, "description": METHODS[name].description if name in METHODS else name}
-        for key, _, _ in COLUMNS:
+        row = {"method": name, "description": VARIANTS[name].label if name in VARIANTS else name}
+        for key, _, _, _ in COLUMNS:
             row[key] = aggregate([r for r in runs if r["method"] == name] if key in RUN_KEYS else s, key)
         row["by_edit"] = {kind: aggregate([r for r in s if r["edit"] == kind], "align_edited")["mean"]
                           for kind in dict.fromkeys(r["edit"] for r in s)}
@@ -241,10 +168,10 @@ def summarize(samples: list[dict], runs: list[dict], methods: list[str]) -> list
 
 
 def format_table(table: list[dict]) -> str:
-    head = ["method"] + [h for _, h, _ in COLUMNS] + ["n"]
+    head = ["method"] + [h for _, _, h, _ in COLUMNS] + ["n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
-        cells = [row["method"]] + [f"{row[k]['mean']:.{d}f} ± {row[k]['std']:.{d}f}" for k, _, d in COLUMNS]
+        cells = [row["method"]] + [f"{row[k]['mean']:.{d}f} ± {row[k]['std']:.{d}f}" for k, _, _, d in COLUMNS]
         lines.append("| " + " | ".join(cells + [str(row["align_edited"]["n"])]) + " |")
     kinds = list(dict.fromkeys(k for row in table for k in row["by_edit"]))
     lines += ["", "Edited-attribute alignment by edit kind:", "",
@@ -287,8 +214,8 @@ def run_diagnose(out: Path, clip: dict, tuned: dict[str, Path], args) -> list[Pa
         members = [m for m in members if m in tuned]
         if len(members) < 2:
             continue
-        subjects = [diag.Subject(m, f"{METHODS[m].description}, tuned {args.steps} steps", args.model, dclip,
-                                 dataclasses.asdict(VideoOptions(**METHODS[m].video)), tuned=str(tuned[m]),
+        subjects = [diag.Subject(m, f"{VARIANTS[m].label}, tuned {args.steps} steps", args.model, dclip,
+                                 dataclasses.asdict(VARIANTS[m].video), tuned=str(tuned[m]),
                                  source=f"seed {args.seed_list[0]}") for m in members]
         report = diag.diagnose(subjects, [100, 400, 700], seed=0, device=args.device, progress=False)
         charts.append(diag.write_outputs(report, out / name)["png"])
@@ -296,7 +223,7 @@ def run_diagnose(out: Path, clip: dict, tuned: dict[str, Path], args) -> list[Pa
 
 
 def parser() -> argparse.ArgumentParser:
-    names = "\n".join(f"  {k:<16} {m.description}" for k, m in METHODS.items())
+    names = "\n".join(f"  {k:<16} {v.label}" for k, v in VARIANTS.items())
     p = argparse.ArgumentParser(
         prog="python -m ei2.mini.benchmark", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tune, invert and edit a fixed suite of mini-world clips with EI², Tune-A-Video, the Fig. 4 "
@@ -332,9 +259,9 @@ def resolve_args(args) -> argparse.Namespace:
         args.clips, args.edit_list, args.seed_list = 1, args.edit_list[:1], args.seed_list[:1]
     args.method_list = [m.strip() for m in (args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS))
                         .split(",") if m.strip()]
-    bad = [m for m in args.method_list if m not in METHODS] + [e for e in args.edit_list if e not in parse.ATTRIBUTES]
+    bad = [m for m in args.method_list if m not in VARIANTS] + [e for e in args.edit_list if e not in parse.ATTRIBUTES]
     if bad or not args.method_list or not args.edit_list or not args.seed_list:
-        raise Ei2Error(f"unknown or empty: {', '.join(bad) or 'list'}; methods: {', '.join(METHODS)}; "
+        raise Ei2Error(f"unknown or empty: {', '.join(bad) or 'list'}; methods: {', '.join(VARIANTS)}; "
                        f"edits: {', '.join(parse.ATTRIBUTES)}")
     if not 1 <= args.clips <= len(CLIPS) or args.steps < 0:
         raise Ei2Error(f"--clips must be 1..{len(CLIPS)} and --steps >= 0")
@@ -353,22 +280,23 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: getattr(args, k) for k in ("model", "steps", "lr", "inference_steps", "inversion_steps",
                                               "guidance")} | {
         "seeds": args.seed_list, "methods": args.method_list, "device": str(device), "precision": precision,
-        "threads": torch.get_num_threads(), "memory": "CUDA allocator peak" if device.type == "cuda" else
-        "peak resident-memory increase during tuning + inversion, CPU",
+        "threads": torch.get_num_threads(),
+        "memory": ("CUDA allocator" if device.type == "cuda" else "resident memory, CPU") + ": peak increase over the "
+                  "start of tuning + inversion",
         "suite": [{"clip": c["name"], "caption": c["caption"], "edits": [e["prompt"] for e in c["edits"]]}
                   for c in clips]}
     samples, runs, tuned = [], [], {}
-    per_clip = sum(len(args.seed_list) if METHODS[m].tuned else 1 for m in args.method_list)
+    per_clip = sum(len(args.seed_list) if VARIANTS[m].tuned else 1 for m in args.method_list)
     total, done, t_start = len(clips) * per_clip, 0, time.perf_counter()
     for ci, clip in enumerate(clips):
         for si, seed in enumerate(args.seed_list):
             first_videos = {}
             for name in args.method_list:
-                method = METHODS[name]
-                if not method.tuned and si > 0:  # deterministic: no seed changes anything
+                variant = VARIANTS[name]
+                if not variant.tuned and si > 0:  # deterministic: no seed changes anything
                     continue
-                keep = out / "tuned" / f"{name}.safetensors" if ci == 0 and si == 0 and method.tuned else None
-                record, videos = run_one(args, method, clip, seed, device, precision, keep)
+                keep = out / "tuned" / f"{name}.safetensors" if ci == 0 and si == 0 and variant.tuned else None
+                record, videos = run_one(args, variant, clip, seed, device, precision, keep)
                 if keep:
                     tuned[name] = keep
                 runs.append({"method": name, "clip": clip["name"], "seed": seed, **record})

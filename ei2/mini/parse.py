@@ -358,3 +358,21 @@ def clip_metrics(frames, prompt: str, source_frames=None, source_prompt: str | N
     if source_frames is not None:
         out["fidelity"] = structure_fidelity(frames, source_frames, parsed=parsed)
     return out
+
+
+# clip_metrics' numbers of an edit scored against its source, flat: name -> (section, key). `python -m ei2.train`'s
+# edits.json (mini_metrics, score: mini) and the mini benchmark's table read them.
+SCORES = {
+    "edited_attribute_match": ("alignment", "edited"),
+    "kept_attributes_match": ("alignment", "unedited"),
+    "all_attributes_match": ("alignment", "all"),
+    "mask_iou_vs_source": ("fidelity", "iou"),
+    "trajectory_error_px": ("fidelity", "trajectory_error"),
+    "attribute_stability": ("consistency", "attribute_stability"),
+    "background_change": ("consistency", "background_change"),
+}
+
+
+def flat_scores(metrics: dict) -> dict[str, float]:
+    """`clip_metrics(frames, prompt, source_frames, source_prompt)`'s nested result as the flat numbers of SCORES."""
+    return {name: metrics[section][key] for name, (section, key) in SCORES.items()}

@@ -3,7 +3,7 @@
     python -m ei2.mini.pretrain --out weights/mini [--device cpu] [--vae-steps N] [--unet-steps N] [--resume]
 
 Phases (all seeded; the same arguments on the same machine give the same weights):
- 1. text: a tiny CLIP text model at random init with one token per word of `world.VOCAB` (`ei2.text.
+ 1. text: a tiny CLIP text model at random init with one token per word of `world.VOCAB` (`ei2.mini.tokenizer.
     write_tiny_text_model`), rounded to fp16 and kept FROZEN. A random causal transformer still gives every caption
     its own embedding sequence (each word's vector plus its position, mixed over the earlier words), which is all the
     UNet's cross-attention needs; training it would add a third model to keep consistent for no gain in this world.
@@ -19,8 +19,8 @@ Phases (all seeded; the same arguments on the same machine give the same weights
     motion half of the time ("a red circle moving right on ...") so the words the one-shot tuning will see are not
     new; 10% of captions are "" for classifier-free guidance. AdamW, constant lr after warmup, EMA weights saved.
  5. save + evaluate: everything in fp16 under --out (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    scheduler/), loss log train_log.json, loss_curves.png, sample grids of seen and held-out captions judged by
-    `ei2.mini.parse`, and golden.safetensors (reference outputs the tests reproduce).
+    scheduler/), loss log train_log.json, then `ei2.mini.samples.evaluate`: loss_curves.png, sample grids of seen
+    and held-out captions judged by `ei2.mini.parse`, and golden.safetensors (reference outputs the tests reproduce).
 
 Training state is checkpointed atomically to --out/.train_state/ every --checkpoint-every steps; --resume continues
 from it. The learning rates are constant after warmup, so a run cut short and resumed with more steps equals a run
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,24 +40,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files import atomic_path
 from ..ddim import add_noise
 from ..errors import Ei2Error, cli_main
-from ..text import TextEncoder, write_tiny_text_model
+from ..files import atomic_path
+from ..text import TextEncoder
 from ..unet import UNet, UNetConfig, VideoOptions
 from ..vae import AutoencoderKL, VAEConfig
 from ..weights import read_state_dict, save_safetensors
 from . import world
-
-# (color, shape, background) combinations never shown in training: samples of their captions test composition
-HELD_OUT = (
-    ("yellow", "star", "gray"),
-    ("purple", "square", "white"),
-    ("green", "triangle", "black"),
-    ("orange", "circle", "blue"),
-    ("white", "star", "green"),
-    ("red", "triangle", "gray"),
-)
+from .samples import HELD_OUT, IMAGE_OPTIONS, evaluate, is_held_out, to_tensor
+from .tokenizer import write_tiny_text_model
 
 TEXT = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
 VAE_CONFIG = VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
@@ -66,7 +57,6 @@ VAE_CONFIG = VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, 
 UNET_CONFIG = UNetConfig(sample_size=world.SIZE // 8, block_out_channels=(64, 128, 128),
                          cross_attention=(True, True, True), layers_per_block=1, attention_head_dim=4,
                          cross_attention_dim=TEXT["hidden_size"], norm_num_groups=16)
-IMAGE_OPTIONS = dict(frame_attention="self", temporal="none")
 
 SCHEDULER_CONFIG = {  # SD v1-4's numbers (ei2.ddim implements them); DDIM is what ei2 samples and inverts with
     "_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1", "num_train_timesteps": 1000,
@@ -80,22 +70,6 @@ MODEL_INDEX = {
     "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
-GOLDEN_CAPTION = "a red circle on a white background"
-SAMPLE_GUIDANCE = 5.0
-SAMPLE_STEPS = 50
-
-
-def is_held_out(scene: world.Scene) -> bool:
-    return any((o.color, o.shape, scene.background) in HELD_OUT for o in scene.objects)
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (b, H, W, 3) -> float (b, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def round_fp16(module: torch.nn.Module) -> torch.nn.Module:
@@ -339,165 +313,6 @@ def _write_log(out: Path, phase: str, entries: list) -> None:
     log = json.loads(path.read_text()) if path.is_file() else {}
     log[phase] = entries
     _write_json(path, log)
-
-
-# --- Evaluation: samples judged by the parser; golden outputs ------------------------------------------------------
-
-
-def sample_captions(seed: int, n_seen: int = 24) -> tuple[list[str], list[str]]:
-    """Captions for sample grids: every HELD_OUT combination, and n_seen random seen ones (no motion phrase)."""
-    held = [f"a {c} {s} on a {b} background" for c, s, b in HELD_OUT]
-    rng = np.random.default_rng(seed)
-    seen: list[str] = []
-    while len(seen) < n_seen:
-        s = world.random_scene(rng)
-        c = s.caption()
-        if not is_held_out(s) and c not in seen:
-            seen.append(c)
-    return seen, held
-
-
-@torch.no_grad()
-def generate(unet: UNet, vae: AutoencoderKL, text: TextEncoder, captions: list[str], seed: int,
-             steps: int = SAMPLE_STEPS, guidance: float = SAMPLE_GUIDANCE, batch: int = 32) -> np.ndarray:
-    """uint8 images (len(captions), H, W, 3): DDIM with classifier-free guidance from seeded noise."""
-    from ..ddim import sample
-
-    h = vae.config.sample_size // 8
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(captions), 4, 1, h, h, generator=g)
-    uncond = text.encode([""]).float()
-    out = []
-    for i in range(0, len(captions), batch):
-        ctx = text.encode(captions[i:i + batch]).float()
-        z = sample(unet, noise[i:i + batch], ctx, uncond, num_steps=steps, guidance=guidance)
-        out.append(to_uint8(vae.decode_latents(z[:, :, 0])))
-    return np.concatenate(out)
-
-
-def grid_image(images: np.ndarray, labels: list[str] | None = None, cols: int = 8, scale: int = 2):
-    """A PIL grid of uint8 images, each upscaled `scale` x (nearest), an optional label under each."""
-    from PIL import Image, ImageDraw
-
-    n, h, w, _ = images.shape
-    label_h = 22 if labels else 0
-    rows = math.ceil(n / cols)
-    W, H = w * scale, h * scale
-    canvas = Image.new("RGB", (cols * W, rows * (H + label_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        im = Image.fromarray(images[i]).resize((W, H), Image.Resampling.NEAREST)
-        canvas.paste(im, (c * W, r * (H + label_h)))
-        if labels:
-            words = labels[i].replace(" background", "").replace("a ", "").replace(" on", " /").split(" / ")
-            for j, line in enumerate(words[:2]):
-                draw.text((c * W + 2, r * (H + label_h) + H + 1 + 10 * j), line, fill=(0, 0, 0))
-    return canvas
-
-
-def judge(images: np.ndarray, captions: list[str]) -> dict:
-    """Fraction of images whose parsed color / shape / background match the caption (ei2.mini.parse)."""
-    from .parse import parse_frame
-
-    hits = {"color": 0, "shape": 0, "background": 0, "all": 0}
-    for im, cap in zip(images, captions):
-        want = world.parse_caption(cap)
-        got = parse_frame(im)
-        ok = {k: got[k] == want[k] for k in ("color", "shape", "background")}
-        for k, v in ok.items():
-            hits[k] += v
-        hits["all"] += all(ok.values())
-    return {k: v / max(len(captions), 1) for k, v in hits.items()} | {"n": len(captions)}
-
-
-def evaluate(out: Path, seed: int = 0, repeats: int = 4) -> dict:
-    """Load the saved model through the normal loaders, draw sample grids, judge them with the parser, write
-    golden.safetensors, eval.json, samples_*.png and loss_curves.png."""
-    unet = UNet.from_pretrained(out, **IMAGE_OPTIONS).eval()
-    vae = AutoencoderKL.from_pretrained(out)
-    text = TextEncoder.from_pretrained(out)
-    seen, held = sample_captions(seed)
-    result = {"guidance": SAMPLE_GUIDANCE, "steps": SAMPLE_STEPS}
-    for name, caps in (("seen", seen), ("held_out", held)):
-        caps_rep = [c for c in caps for _ in range(repeats)]
-        images = generate(unet, vae, text, caps_rep, seed=seed + (1 if name == "seen" else 2))
-        result[name] = judge(images, caps_rep)
-        grid_image(images[: 8 * 8] if name == "seen" else images, caps_rep[: 8 * 8] if name == "seen" else caps_rep,
-                   cols=8).save(out / f"samples_{name}.png")
-    # reconstructions of the VAE on held-out renders, and parser accuracy on them
-    rng = np.random.default_rng(seed + 3)
-    scenes = [world.random_clip(rng).frames[0] for _ in range(64)]
-    real = np.stack([world.render(s) for s in scenes])
-    with torch.no_grad():
-        rec = to_uint8(vae.decode(vae.encode(to_tensor(real)).mean))
-    caps = [s.caption() for s in scenes]
-    result["vae_reconstruction"] = {"mae_uint8": float(np.abs(rec.astype(float) - real).mean())} | judge(rec, caps)
-    pairs = np.stack([real[:16], rec[:16]], 1).reshape(32, *real.shape[1:])
-    grid_image(pairs, cols=8).save(out / "vae_reconstructions.png")
-    _write_json(out / "eval.json", result)
-    write_golden(out, unet, vae, text)
-    log = json.loads((out / "train_log.json").read_text()) if (out / "train_log.json").is_file() else {}
-    if log:
-        plot_losses(log).save(out / "loss_curves.png")
-    return result
-
-
-@torch.no_grad()
-def golden_inputs(h: int = world.SIZE // 8):
-    g = torch.Generator().manual_seed(1234)
-    x = torch.randn(1, 4, 1, h, h, generator=g)
-    noise = torch.randn(1, 4, 1, h, h, generator=g)
-    return x, noise, torch.tensor(500)
-
-
-@torch.no_grad()
-def golden_outputs(unet: UNet, vae: AutoencoderKL, text: TextEncoder) -> dict[str, torch.Tensor]:
-    """The reference numbers the tests reproduce: eps at t=500, a 5-step DDIM sample (guidance 5) and its decode."""
-    from ..ddim import sample
-
-    x, noise, t = golden_inputs(vae.config.sample_size // 8)
-    ctx = text.encode([GOLDEN_CAPTION]).float()
-    uncond = text.encode([""]).float()
-    eps = unet(x, t, ctx)
-    z = sample(unet, noise, ctx, uncond, num_steps=5, guidance=SAMPLE_GUIDANCE)
-    image = vae.decode_latents(z[:, :, 0])
-    return {"context": ctx, "eps": eps, "sample_latent": z, "sample_image": image}
-
-
-def write_golden(out: Path, unet, vae, text) -> None:
-    save_safetensors(golden_outputs(unet, vae, text), out / "golden.safetensors",
-                     metadata={"caption": GOLDEN_CAPTION, "note": "see tests/test_mini_model.py"})
-
-
-def plot_losses(log: dict, width: int = 900, height: int = 320):
-    """Loss curves (log-scale y) of each phase side by side, drawn with Pillow."""
-    from PIL import Image, ImageDraw
-
-    phases = [p for p in ("vae", "unet", "decoder") if log.get(p)]
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    pw = width // max(len(phases), 1)
-    for k, phase in enumerate(phases):
-        steps = np.array([e["step"] for e in log[phase]], dtype=float)
-        loss = np.array([e["loss"] for e in log[phase]], dtype=float)
-        x0, y0, x1, y1 = k * pw + 60, 30, (k + 1) * pw - 20, height - 40
-        draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-        lo, hi = math.log10(max(loss.min(), 1e-6)), math.log10(max(loss.max(), 1e-6))
-        lo, hi = math.floor(lo * 4) / 4, math.ceil(hi * 4) / 4 + 1e-9
-        px = x0 + (steps - 0) / max(steps.max(), 1) * (x1 - x0)
-        py = y1 - (np.log10(np.maximum(loss, 1e-6)) - lo) / (hi - lo) * (y1 - y0)
-        draw.line(list(zip(px.tolist(), py.tolist())), fill=(200, 40, 40), width=2)
-        for v in np.arange(lo, hi + 1e-9, 0.25):
-            y = y1 - (v - lo) / (hi - lo) * (y1 - y0)
-            draw.line([x0 - 4, y, x0, y], fill=(0, 0, 0))
-            draw.text((x0 - 50, y - 6), f"{10 ** v:.3g}", fill=(0, 0, 0))
-        for f in (0, 0.5, 1):
-            x = x0 + f * (x1 - x0)
-            draw.text((x - 10, y1 + 6), f"{int(f * steps.max())}", fill=(0, 0, 0))
-        title = {"vae": "VAE (weighted L1 + L2 + KL)", "unet": "UNet (eps MSE)", "decoder": "VAE decoder tuning"}[phase]
-        draw.text((x0, 10), f"{title}; log y, x = step", fill=(0, 0, 0))
-    return canvas
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
