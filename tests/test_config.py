@@ -1,13 +1,18 @@
 """ei2.config: defaults, YAML + command-line overrides, type coercion, validation and the round trip."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
-from ei2.config import TrainConfig, describe_keys, load_config, save_config
-from ei2.pipeline import resolve_precision
+from ei2.attention import FRAME_ATTENTIONS, TEMPORAL_NORMS
+from ei2.config import (COERCE, TYPES, VIDEO_KEYS, TrainConfig, describe_keys, load_config, save_config,
+                        video_options)
 from ei2.errors import Ei2Error
+from ei2.pipeline import resolve_precision
+from ei2.train import main as train_main, parser as train_parser
+from ei2.unet import RESNET_NORMS, TEMPORALS, VideoOptions
 
 REQUIRED = ["--video", "data/man-running.mp4", "--caption", "a man is running"]
 
@@ -167,11 +172,6 @@ def test_tav_config_is_tune_a_video_as_published():
     """configs/tav.yaml: Tune-A-Video's modules (SCA + temporal attention) and its car-turn settings (its
     configs/car-turn.yaml: 24 frames from 0 at stride 2, 512 px squashed, lr 3e-5, 500 steps, seed 33, guidance 12.5,
     DDIM 50, gradient checkpointing)."""
-    from pathlib import Path
-
-    from ei2.config import video_options
-    from ei2.unet import VideoOptions
-
     c = load_config(Path(__file__).resolve().parents[1] / "configs" / "tav.yaml")
     assert video_options(c) == VideoOptions(frame_attention="sca", temporal="ta")
     assert (c.n_frames, c.start, c.stride, c.size, c.resize) == (24, 0, 2, 512, "squash")
@@ -183,10 +183,8 @@ def test_tav_config_is_tune_a_video_as_published():
 def test_help_lists_every_key_with_default_and_help(capsys):
     """`python -m ei2.train --help`: the tool's options, then every config key (from the fields) with its default and
     the README table's help; the keys stay out of argparse's parsing (load_config reads them)."""
-    from ei2.train import main, parser
-
     with pytest.raises(SystemExit) as info:
-        main(["--help"])
+        train_main(["--help"])
     assert info.value.code == 0
     out = "".join(capsys.readouterr().out.split())  # argparse wraps lines (also at a dash): compare without spaces
 
@@ -197,17 +195,13 @@ def test_help_lists_every_key_with_default_and_help(capsys):
     for key, default, text in describe_keys():
         assert has(f"--{key} ") and has(f"{text} (default: {default!r})"), key
     assert has("--edit_prompts [TEXT ...]") and has("--compile [BOOL]") and has("--temporal_norm TEXT|null")
-    args, rest = parser().parse_known_args(["--config", "x.yaml", "--steps", "3", "--resume"])
+    args, rest = train_parser().parse_known_args(["--config", "x.yaml", "--steps", "3", "--resume"])
     assert args.config == "x.yaml" and args.resume and rest == ["--steps", "3"]
 
 
 def test_every_video_option_is_a_config_key_checked_by_video_options():
     """The UNet's options are TrainConfig keys by the same names; their allowed values are VideoOptions' (one
     definition each in ei2.attention / ei2.unet), reached through config validation."""
-    from ei2.attention import FRAME_ATTENTIONS, TEMPORAL_NORMS
-    from ei2.config import COERCE, TYPES, VIDEO_KEYS, video_options
-    from ei2.unet import RESNET_NORMS, TEMPORALS, VideoOptions
-
     assert VIDEO_KEYS == tuple(f.name for f in dataclasses.fields(VideoOptions))
     assert set(VIDEO_KEYS) <= {f.name for f in dataclasses.fields(TrainConfig)}
     assert video_options(TrainConfig()) == VideoOptions()

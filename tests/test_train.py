@@ -2,35 +2,41 @@
 outputs, resume, the small checkpoint, re-editing, and every bad input of the issue."""
 
 import json
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tiny_model import write_random_model
 
+import ei2.pipeline
+import ei2.train
 from ei2 import ddim
-from ei2.config import load_config
+from ei2.config import load_config, video_options
 from ei2.edit import edit
+from ei2.edit import main as edit_main
 from ei2.errors import Ei2Error
 from ei2.mini.world import make_demo_clip
 from ei2.pipeline import Phase, decode, encode_video, load_models, tune_steps
 from ei2.text import TextEncoder
 from ei2.train import main, run
 from ei2.tuned import load_tuned_unet, read_tuned_metadata
-from ei2.unet import is_temporal_key, is_trainable_key
-from ei2.video import make_demo_clip, read_frames
+from ei2.unet import UNet, VideoOptions, is_temporal_key, is_trainable_key
 from ei2.vae import AutoencoderKL
+from ei2.video import read_frames
 from ei2.weights import read_state_dict
 
 N, SIZE = 4, 64
 
 
 @pytest.fixture(scope="module")
-from ei2.video import read_frames
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     return write_random_model(root / "model"), make_demo_clip(root / "clip.gif", n_frames=6, size=SIZE)
@@ -92,8 +98,6 @@ def test_tuned_checkpoint_holds_exactly_the_trainable_tensors(finished):
     # the tuned model's output: re-running the inversion with the loaded model gives the cached x_T bit for bit
     vae = AutoencoderKL.from_pretrained(cfg.model)
     frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size)
-    from ei2.text import TextEncoder
-
     with torch.no_grad():
         x0 = (vae.encode(frames).mean * vae.config.scaling_factor).transpose(0, 1)[None]
         x_T = ddim.invert(unet.eval(), x0, TextEncoder.from_pretrained(cfg.model).encode([""]), cfg.inversion_steps)
@@ -105,8 +109,6 @@ def test_tuned_checkpoint_holds_exactly_the_trainable_tensors(finished):
 
 
 def test_edit_reproduces_the_training_edit(finished, tmp_path):
-    import shutil
-
     out, cfg = finished
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
@@ -120,9 +122,6 @@ def test_edit_reproduces_the_training_edit(finished, tmp_path):
 def as_format_1(path: Path) -> None:
     """Rewrite a tuned file or checkpoint with the metadata an older ei2 (format 1) wrote: no "format", no "computes",
     no temporal_norm_trainable among the video options."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["ei2"])
     del meta["format"], meta["computes"], meta["video_options"]["temporal_norm_trainable"]
@@ -138,10 +137,6 @@ def test_tuned_metadata_records_the_format(finished):
 
 
 def test_old_tuned_run_is_refused_with_how_to_redo_it(finished, tmp_path, capsys):
-    import shutil
-
-    from ei2.edit import main as edit_main
-
     out, cfg = finished
     copy = tmp_path / "old-run"
     shutil.copytree(out, copy)
@@ -177,8 +172,6 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
 
 
 def test_resize_reaches_the_frames(assets, tmp_path, monkeypatch):
-    import ei2.train
-
     seen = []
 
     def spy(*args, **kwargs):
@@ -192,8 +185,6 @@ def test_resize_reaches_the_frames(assets, tmp_path, monkeypatch):
 
 
 def test_module_keys_reach_the_model(assets, tmp_path):
-    from ei2.config import video_options
-
     assert video_options(cfg_for(assets, tmp_path, temporal_norm_trainable=True)).temporal_norm_trainable is True
     assert video_options(cfg_for(assets, tmp_path, frame_attention="sca", temporal="ta")).temporal == "ta"
 
@@ -245,8 +236,6 @@ def test_unknown_key(assets, tmp_path, capsys):
 
 
 def test_missing_weights(assets, tmp_path, capsys):
-    import shutil
-
     model = tmp_path / "model"
     shutil.copytree(assets[0], model)
     (model / "unet/diffusion_pytorch_model.safetensors").unlink()
@@ -256,8 +245,6 @@ def test_missing_weights(assets, tmp_path, capsys):
 
 
 def test_nan_loss_keeps_last_good_checkpoint(assets, tmp_path, capsys, monkeypatch):
-    from ei2.unet import UNet
-
     calls = {"n": 0}
     forward = UNet.forward
 
@@ -277,8 +264,6 @@ def test_nan_loss_keeps_last_good_checkpoint(assets, tmp_path, capsys, monkeypat
 
 
 def test_out_of_memory_message(assets, tmp_path, capsys, monkeypatch):
-    import ei2.train
-
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
@@ -304,8 +289,6 @@ def test_cli_error_has_no_traceback(tmp_path):
 def inject_inf_grad(monkeypatch, bad_steps: set[int], start: int = 0) -> None:
     """The training job's first trainable tensor gets an inf gradient in the 1-based steps `bad_steps` (the loss stays
     finite); `start` is the step a resumed run begins after. Hooked where ei2.train builds its optimizer."""
-    import ei2.train
-
     real = ei2.train.make_optimizer
 
     def with_hook(unet, *a, **k):
@@ -324,9 +307,6 @@ def inject_inf_grad(monkeypatch, bad_steps: set[int], start: int = 0) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_job(assets):
-    from ei2.pipeline import encode_video, load_models
-    from ei2.unet import VideoOptions
-
     models = load_models(str(assets[0]), VideoOptions(), torch.device("cpu"), "fp32")
     frames = read_frames(assets[1], N, size=SIZE)
     return models, encode_video(models, frames), models.text.encode(["a red circle moving right"])
@@ -341,8 +321,6 @@ def test_skipped_step_changes_nothing(tiny_job, fused):
     """A step whose gradient is inf (finite loss) leaves the tuned tensors, AdamW's moments and its step count bit for
     bit as they were, the step total advances and the skip is reported 1-based. Both optimizer kinds: fused (the
     device-side `found_inf`, as on CUDA) and foreach (asked on the host, as on the CPU)."""
-    from ei2.pipeline import tune_steps
-
     models, posterior, context = tiny_job
     params = [p for p in models.unet.parameters() if p.requires_grad]
     with torch.no_grad():
@@ -426,8 +404,6 @@ def test_non_finite_weights_are_never_saved(assets, tmp_path, capsys, monkeypatc
     """Were an inf gradient applied (the skip switched off), the weights would turn NaN: step 4's update, after its
     finite loss and right before the step-4 checkpoint; that checkpoint is refused with one line, the step-2 one
     stays."""
-    import ei2.pipeline
-
     monkeypatch.setattr(ei2.pipeline, "step_unless_skipped", lambda optimizer, ok: optimizer.step())
     inject_inf_grad(monkeypatch, {4})
     out = tmp_path / "o"
@@ -443,9 +419,6 @@ def test_non_finite_weights_are_never_saved(assets, tmp_path, capsys, monkeypatc
 def test_bf16_job_encodes_the_clip_in_fp32(assets):
     """In a bf16 job the decoder is stored in bf16, the encoder is not: encode_video's posterior equals an fp32 VAE's
     bit for bit (fp32 moments), and decoding runs in bf16."""
-    from ei2.pipeline import decode, encode_video, load_models
-    from ei2.unet import VideoOptions
-
     models = load_models(str(assets[0]), VideoOptions(), torch.device("cpu"), "bf16")
     frames = read_frames(assets[1], N, size=SIZE)
     got = encode_video(models, frames)
@@ -463,11 +436,6 @@ def test_bf16_job_encodes_the_clip_in_fp32(assets):
 def test_phase_reports_absolute_peak_and_increase(monkeypatch, reset):
     """A phase that holds 256 MiB: `increase` is about that, `peak` is the absolute high-water mark above it; where
     VmHWM cannot be reset the resident set is sampled instead; memory=False times only."""
-    import time
-
-    import ei2.pipeline
-    from ei2.pipeline import Phase
-
     if not Path("/proc/self/status").is_file():
         pytest.skip("the CPU meter reads /proc (Linux)")
     if not reset:
