@@ -1,5 +1,6 @@
-"""The reference side of `python -m benchmarks.bench`: diffusers' UNet2DConditionModel, the numerical oracle of the tests and
-the speed reference of the benchmark. Kept outside the `ei2` package so that ei2 itself never imports diffusers."""
+"""The reference side of `python -m benchmarks.bench`: diffusers' UNet2DConditionModel, the numerical oracle of the
+tests and the speed reference of the benchmark. Kept outside the `ei2` package so that ei2 itself never imports
+diffusers."""
 
 from __future__ import annotations
 

@@ -32,11 +32,11 @@ import torch
 from benchmarks import diffusers_reference as reference
 from benchmarks.bench.models import EI2, IMAGE
 from ei2.pipeline import freeze_to_dtype_
-from ei2.unet import UNet, UNetConfig, VideoOptions, mark_trainable
+from ei2.unet import VARIANTS, UNet, UNetConfig, VideoOptions, mark_trainable
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MODELS = {"diffusers": (None, False), "ei2 image UNet": (IMAGE, False), "EI² (FFAM r=2 + STAM)": (EI2, False),
+MODELS = {"diffusers": (None, False), "ei2 image UNet": (IMAGE, False), VARIANTS["ei2"].label: (EI2, False),
           "EI² + recompute_activations": (EI2, True)}
 
 
@@ -105,9 +105,9 @@ def main(argv=None) -> int:
     results = {}
     for name in MODELS:  # one process per model: each starts from an empty heap (a full-size run needs ~12 GB)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.saved_activations", "--one", name, "--frames", str(args.frames), "--latent",
-                               str(args.latent), "--threads", str(args.threads), *(["--tiny"] if args.tiny else [])],
-                              cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.saved_activations", "--one", name, "--frames",
+                               str(args.frames), "--latent", str(args.latent), "--threads", str(args.threads),
+                               *(["--tiny"] if args.tiny else [])], cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -10,10 +10,10 @@ Five sections, one table each (see docs/bench.md for what every row means):
   5. targets    the speed and memory targets, each next to what the run measured, with pass yes/NO.
 
 Every table row is `| name | ei2 | ref | ratio | ... |` with ratio = ei2 / ref. Times are medians of --repeats runs
-after --warmup runs (synchronized on CUDA). Peak memory: on CUDA `torch.cuda.max_memory_allocated` with only the
-measured model on the device (absolute: weights + activations + optimizer state); on CPU the increase of the
-process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident set at the start of the
-measurement, "n/a" where the kernel does not allow the reset.
+after --warmup runs (synchronized on CUDA). Peak memory, by the training job's meter `ei2.pipeline.Phase`: on CUDA
+`torch.cuda.max_memory_allocated` with only the measured model on the device (absolute: weights + activations +
+optimizer state); on CPU the increase of the process's peak resident set over the resident set at the start of the
+measurement.
 
 diffusers is the reference (benchmarks/diffusers_reference.py; ei2 itself never imports diffusers). Without diffusers
 the reference columns read n/a.

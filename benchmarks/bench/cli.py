@@ -1,5 +1,5 @@
-"""The command line of `python -m benchmarks.bench`: options, the GPU protocol preset, one table per section printed as it
-finishes, and the JSON of all results rewritten after every section (so a run cut short keeps what it measured)."""
+"""The command line of `python -m benchmarks.bench`: options, the GPU protocol preset, one table per section printed as
+it finishes, and the JSON of all results rewritten after every section (so a run cut short keeps what it measured)."""
 
 from __future__ import annotations
 
@@ -63,9 +63,9 @@ on CUDA --size 512 --frames 8 --steps 500 --inference-steps 50 --repeats 10.
 
 GPU protocol (one H100 or H200, under 5 minutes, writes bench-gpu.json after every section):
   python -m benchmarks.bench --protocol gpu
-  = python -m benchmarks.bench --device cuda --size 512 --frames 8 --dtype bf16 --sections train,job,targets,forward,attention
-    --steps 500 --inference-steps 50 --repeats 10 --warmup 3 --tuning-budget 60 --time-budget 270
-    --json bench-gpu.json
+  = python -m benchmarks.bench --device cuda --size 512 --frames 8 --dtype bf16
+    --sections train,job,targets,forward,attention --steps 500 --inference-steps 50 --repeats 10 --warmup 3
+    --tuning-budget 60 --time-budget 270 --json bench-gpu.json
   then, time permitting, torch.compile's row: python -m benchmarks.bench --protocol gpu --sections train --compile
     --json bench-gpu-compile.json
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import math
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -14,11 +13,10 @@ from typing import Callable
 
 import torch
 
-from ei2.pipeline import DTYPES
+from ei2.pipeline import DTYPES, Phase
 from ei2.unet import UNetConfig
 from ei2.vae import VAEConfig
 
-MIB = 2**20
 
 # The paper's Table 1 (one V100, 8 frames at 512², 500 tuning steps, 50 DDIM steps): quoted, never measured here.
 PAPER = {"frames": 8, "size": 512, "steps": 500, "inference_steps": 50,
@@ -111,66 +109,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _proc_status_mib(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M)
-        return int(m.group(1)) / 1024 if m else None
-    except OSError:
-        return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current resident set (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> None:
-    """Give the C heap's free pages back to the OS (glibc), so the resident set afterwards tracks live memory: pages
-    the allocator kept from earlier runs would otherwise hide new allocations from the peak-RSS figure."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak memory (MiB) of the code inside `with`: CUDA max_memory_allocated (absolute) or CPU peak-RSS increase."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.mib: float | None = None
-        self.absolute_mib: float | None = None  # CPU: the peak resident set itself
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            _malloc_trim()
-            self._ok = _reset_peak_rss()
-            self._start = _proc_status_mib("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.mib = torch.cuda.max_memory_allocated(self.device) / MIB
-        else:
-            peak = _proc_status_mib("VmHWM")
-            if self._ok and peak is not None and self._start is not None:
-                self.mib = max(0.0, peak - self._start)
-                self.absolute_mib = peak
-        return False
+def measured_mib(phase: Phase) -> float | None:
+    """The bench's memory figure of a measured phase: on CUDA the absolute peak of allocated memory (only the measured
+    model is on the device), on the CPU the peak resident set's increase over the start (the process holds more)."""
+    return phase.peak_mib if phase.device.type == "cuda" else phase.increase_mib
 
 
 def median_time(fn: Callable[[], object], device: torch.device, warmup: int,
@@ -180,14 +122,14 @@ def median_time(fn: Callable[[], object], device: torch.device, warmup: int,
         fn()
     sync(device)
     times = []
-    with PeakMemory(device) as mem:
+    with Phase(device) as mem:
         for _ in range(repeats):
             sync(device)
             t0 = time.perf_counter()
             fn()
             sync(device)
             times.append(time.perf_counter() - t0)
-    return statistics.median(times), mem.mib
+    return statistics.median(times), measured_mib(mem)
 
 
 @dataclass
@@ -231,9 +173,9 @@ def run_cases(cases: list[Case], s: "Settings", log) -> dict[str, tuple[float, f
             sync(dev)
             times[name].append(time.perf_counter() - t0)
     for name, fn in fns.items():
-        with PeakMemory(dev) as mem:
+        with Phase(dev) as mem:
             fn()
-        out[name] = (statistics.median(times[name]), mem.mib)
+        out[name] = (statistics.median(times[name]), measured_mib(mem))
     fns.clear()
     free(dev)
     return out

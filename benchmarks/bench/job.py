@@ -1,6 +1,6 @@
-"""Sections 4 and 5 of `python -m benchmarks.bench`: the whole job, run by the training job's own functions (ei2.pipeline:
-encode_video, tune_steps, invert, render) on seeded random SD weights, and the speed-and-memory targets checked
-against what the run measured."""
+"""Sections 4 and 5 of `python -m benchmarks.bench`: the whole job, run by the training job's own functions
+(ei2.pipeline: encode_video, tune_steps, invert, render; its Phase meter) on seeded random SD weights, and the
+speed-and-memory targets checked against what the run measured."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import zlib
 
 import torch
 
-from ei2.pipeline import Models, encode_video, invert, make_optimizer, prepare_models, render, tune_steps
+from ei2.pipeline import Models, Phase, encode_video, invert, make_optimizer, prepare_models, render, tune_steps
 from ei2.vae import AutoencoderKL
 
-from .core import PAPER, PeakMemory, Row, Settings, Table, free, sync
+from .core import PAPER, Row, Settings, Table, free, measured_mib
 from .models import EI2, JOB_DEFAULTS, LR, WEIGHT_DECAY, channels_last_, ei2_unet, init_sd_weights_
 
 GIB = 1024  # MiB
@@ -112,13 +112,9 @@ def section_job(s: Settings, log) -> Table:
 
     def phase(name, fn):
         log(f"  {name} ...")
-        sync(dev)
-        with PeakMemory(dev) as mem:
-            t0 = time.perf_counter()
+        with Phase(dev) as mem:
             out = fn()
-            sync(dev)
-            sec = time.perf_counter() - t0
-        phases[name] = (sec, mem.mib)
+        phases[name] = (mem.seconds, measured_mib(mem))
         return out
 
     tuner = phase("vae encode", lambda: Tuner(s, models, n))
@@ -190,13 +186,9 @@ def tuning_peak(tuner: Tuner, s: Settings, checkpointing: bool, steps: int = 2) 
     """(peak MiB, seconds per step) over `steps` tuning steps after a first one (AdamW's states exist then)."""
     tuner.models.unet.gradient_checkpointing = checkpointing
     tuner.run(0, 1)
-    sync(s.device)
-    with PeakMemory(s.device) as mem:
-        t0 = time.perf_counter()
+    with Phase(s.device) as mem:
         tuner.run(1, 1 + steps)
-        sync(s.device)
-        sec = (time.perf_counter() - t0) / steps
-    return mem.mib, sec
+    return measured_mib(mem), mem.seconds / steps
 
 
 def find_row(tables: dict[int, Table], section: int, name: str) -> Row | None:

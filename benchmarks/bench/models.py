@@ -4,6 +4,7 @@ set, the frozen low-precision weights and AdamW are the training job's own (ei2.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -15,7 +16,7 @@ from torch import nn
 from benchmarks import diffusers_reference as reference
 from ei2.config import TrainConfig
 from ei2.pipeline import freeze_to_dtype_, make_optimizer
-from ei2.unet import UNet, UNetConfig, VideoOptions, is_temporal_key, mark_trainable
+from ei2.unet import VARIANTS, UNet, UNetConfig, VideoOptions, is_temporal_key, mark_trainable
 
 from .core import Settings
 
@@ -68,8 +69,9 @@ def ei2_unet(config: UNetConfig, seed: int = 0, **video) -> UNet:
     return init_sd_weights_(UNet(config, VideoOptions(**video)), seed)
 
 
-IMAGE = dict(frame_attention="self", temporal="none", resnet_norm="frame")  # exactly SD's image UNet, per frame
-EI2 = dict(frame_attention="ffam", ratio=2, temporal="stam")  # the paper's model (Tune-A-Video's video GroupNorm)
+# The variants the bench measures, from ei2's one table, as VideoOptions keyword arguments (rows derive others).
+IMAGE = dataclasses.asdict(VARIANTS["untuned"].video)  # exactly SD's image UNet, per frame
+EI2 = dataclasses.asdict(VARIANTS["ei2"].video)  # the paper's model (Tune-A-Video's video GroupNorm)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

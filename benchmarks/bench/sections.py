@@ -1,5 +1,5 @@
-"""Sections 1-3 of `python -m benchmarks.bench`: the UNet forward, one tuning step and the frame attentions, each next to
-its reference measured in the same process (diffusers, or Tune-A-Video's SCA for the attentions)."""
+"""Sections 1-3 of `python -m benchmarks.bench`: the UNet forward, one tuning step and the frame attentions, each next
+to its reference measured in the same process (diffusers, or Tune-A-Video's SCA for the attentions)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from benchmarks import diffusers_reference as reference
 from ei2.attention import FrameAttention
 from ei2.pipeline import DTYPES
-from ei2.unet import UNet, VideoOptions
+from ei2.unet import VARIANTS, UNet, VideoOptions
 
 from .core import Case, Row, Settings, Table, fmt, free, inputs, run_cases
 from .models import (EI2, IMAGE, LR, channels_last_, compile_model, ei2_unet, init_sd_weights_, levers,
@@ -51,7 +51,7 @@ def section_forward(s: Settings, log) -> Table:
 
     variants = [("image UNet (same math)", IMAGE)]
     if n > 1:
-        variants += [("video GroupNorm (TAV)", dict(IMAGE, resnet_norm="video")), ("EI² (FFAM r=2 + STAM)", EI2)]
+        variants += [("video GroupNorm (TAV)", dict(IMAGE, resnet_norm="video")), (VARIANTS["ei2"].label, EI2)]
     cases = []
     if s.reference:
         cases.append(case("diffusers", lambda: share_weights_(reference.unet(cfg), base),
