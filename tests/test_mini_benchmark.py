@@ -107,7 +107,7 @@ def test_fig4_layernorm_rows():
     has none; Tune-A-Video (`tav`) keeps it frozen. Both LayerNorm rows are in the default suite and the Fig. 4 chart."""
 
     def tuned_norms(method):
-        m = UNet(UNetConfig.tiny(), VARIANTS[method].options())
+        m = UNet(UNetConfig.tiny(), VARIANTS[method].video)
         mark_trainable(m)
         return sum(p.numel() for n, p in m.named_parameters() if ".norm_temp." in n and p.requires_grad)
 

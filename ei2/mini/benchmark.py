@@ -90,7 +90,7 @@ def run_one(args, variant: Variant, clip: dict, seed: int, device, precision: st
     memory increase over the start of tuning + inversion (pipeline.Phase)."""
     torch.manual_seed(seed)  # the fresh temporal modules' initialization
     with Phase(device, memory=False) as loading:
-        models = load_models(args.model, variant.options(), device, precision)
+        models = load_models(args.model, dataclasses.replace(variant.video), device, precision)
     frames = torch.from_numpy(clip["frames"]).permute(0, 3, 1, 2).float() / 127.5 - 1
     posterior = encode_video(models, frames)
     steps = args.steps if variant.tuned else 0
