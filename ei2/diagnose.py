@@ -422,7 +422,8 @@ def subjects_from_args(args) -> list[Subject]:
     clip = Clip(args.video, args.caption, args.n_frames, args.start, args.stride, args.size)
     variants = {name: VARIANTS[COMPARE[name]] for name in parse_variants(args.compare)}
     return [Subject(name, v.module, args.model, clip,
-                    dataclasses.asdict(v.options(frame_attention=args.frame_attention, ratio=args.ratio)))
+                    dataclasses.asdict(dataclasses.replace(v.video, frame_attention=args.frame_attention,
+                                                        ratio=args.ratio)))
             for name, v in variants.items()]
 
 

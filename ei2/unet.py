@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -122,8 +122,8 @@ class VideoOptions:
 
 @dataclass(frozen=True)
 class Variant:
-    """One variant of the paper: `label` as tables print it, `paper` what the paper calls it, `module` its temporal
-    module alone (for tools that set the frame attention separately), the VideoOptions, and whether it is tuned."""
+    """A variant of the paper: `label` as tables print it, `paper` the paper's name, `module` its temporal module alone
+    (for tools that set the frame attention themselves), its VideoOptions (copy them with dataclasses.replace)."""
 
     label: str
     paper: str
@@ -131,41 +131,35 @@ class Variant:
     video: VideoOptions
     tuned: bool = True  # False: the image model as loaded, no tuning
 
-    def options(self, **overrides) -> VideoOptions:
-        """A fresh copy of the variant's VideoOptions, with `overrides` (e.g. frame_attention) replaced."""
-        return replace(self.video, **overrides)
-
 
 _TA = "Tune-A-Video TA: LayerNorm (affine frozen), plain W_v, W_L (W_L = 0 at creation)"
 _STAM = "EI² STAM: Instance Centering, spectral norm, b = 0 at creation"
+_SCA, _FFAM = dict(frame_attention="sca"), dict(frame_attention="ffam", ratio=2)
 
 
-def _fig4(norm: str, **kw) -> VideoOptions:  # Fig. 4 ablation: SCA fixed, TA with another norm, no spectral norm
-    return VideoOptions(frame_attention="sca", temporal="ta", temporal_norm=norm, spectral_norm=False, **kw)
+def _fig4(label: str, paper: str, module: str, norm: str, **kw) -> Variant:  # SCA + TA with another norm, no SN
+    video = VideoOptions(**_SCA, temporal="ta", temporal_norm=norm, spectral_norm=False, **kw)
+    return Variant(f"SCA + TA, {label}", f"Fig. 4 {paper}", module, video)
 
 
-# The paper's variants, read by every tool (ei2.mini.benchmark --methods names them by key, ei2.diagnose --compare by
-# its temporal-module names, ei2.evaluate's Table 1 rows, benchmarks/bench). Tune-A-Video keeps the LayerNorm's affine
-# frozen at its identity init, so `tav` computes what Fig. 4's "LayerNorm*" computes.
+# The paper's variants, read by every tool: ei2.mini.benchmark --methods (the keys), ei2.diagnose --compare (by temporal
+# module), ei2.evaluate (Table 1's names), benchmarks/bench. Tune-A-Video keeps its LayerNorm's affine frozen at the
+# identity, so `tav` computes what Fig. 4's "LayerNorm*" computes.
 VARIANTS: dict[str, Variant] = {
-    "ei2": Variant("EI² (FFAM r=2 + STAM)", "EI² (FFAM + STAM)", _STAM,
-                   VideoOptions(frame_attention="ffam", ratio=2, temporal="stam")),
+    "ei2": Variant("EI² (FFAM r=2 + STAM)", "EI² (FFAM + STAM)", _STAM, VideoOptions(**_FFAM, temporal="stam")),
     "tav": Variant("Tune-A-Video (SCA + TA, LayerNorm, affine frozen)", "Tune-A-Video (SCA + TA)", _TA,
-                   VideoOptions(frame_attention="sca", temporal="ta")),
-    "sca_stam": Variant("SCA + STAM (TAV with TA -> STAM)", "SCA + STAM", _STAM,
-                        VideoOptions(frame_attention="sca", temporal="stam")),
-    "ffam_ta": Variant("FFAM r=2 + TA (EI² with STAM -> TA)", "FFAM + TA", _TA,
-                       VideoOptions(frame_attention="ffam", ratio=2, temporal="ta")),
-    "ta_ln": Variant("SCA + TA, LayerNorm with its affine tuned (Fig. 4 LayerNorm)", "Fig. 4 LayerNorm",
-                     "TA with LayerNorm's affine tuned (Fig. 4 LayerNorm)",
-                     _fig4("layernorm", temporal_norm_trainable=True)),
-    "ta_ln_noaffine": Variant("SCA + TA, LayerNorm w/o affine (Fig. 4 LayerNorm*)", "Fig. 4 LayerNorm*",
-                              "TA with LayerNorm without affine (Fig. 4 LayerNorm*)", _fig4("layernorm_noaffine")),
-    "ta_no_norm": Variant("SCA + TA, no norm (Fig. 4)", "Fig. 4 No Norm", "TA without norm (Fig. 4)", _fig4("none")),
-    "ta_instancenorm": Variant("SCA + TA, InstanceNorm (Fig. 4)", "Fig. 4 InstanceNorm",
-                               "TA with InstanceNorm over frames (Fig. 4)", _fig4("instancenorm")),
-    "ta_ic": Variant("SCA + TA, Instance Centering, no SN (Fig. 4)", "Fig. 4 IC (without spectral norm)",
-                     "TA with Instance Centering, no spectral norm (Fig. 4)", _fig4("ic")),
+                   VideoOptions(**_SCA, temporal="ta")),
+    "sca_stam": Variant("SCA + STAM (TAV with TA -> STAM)", "SCA + STAM", _STAM, VideoOptions(**_SCA, temporal="stam")),
+    "ffam_ta": Variant("FFAM r=2 + TA (EI² with STAM -> TA)", "FFAM + TA", _TA, VideoOptions(**_FFAM, temporal="ta")),
+    "ta_ln": _fig4("LayerNorm with its affine tuned (Fig. 4 LayerNorm)", "LayerNorm",
+                   "TA with LayerNorm's affine tuned (Fig. 4 LayerNorm)", "layernorm", temporal_norm_trainable=True),
+    "ta_ln_noaffine": _fig4("LayerNorm w/o affine (Fig. 4 LayerNorm*)", "LayerNorm*",
+                            "TA with LayerNorm without affine (Fig. 4 LayerNorm*)", "layernorm_noaffine"),
+    "ta_no_norm": _fig4("no norm (Fig. 4)", "No Norm", "TA without norm (Fig. 4)", "none"),
+    "ta_instancenorm": _fig4("InstanceNorm (Fig. 4)", "InstanceNorm", "TA with InstanceNorm over frames (Fig. 4)",
+                             "instancenorm"),
+    "ta_ic": _fig4("Instance Centering, no SN (Fig. 4)", "IC (without spectral norm)",
+                   "TA with Instance Centering, no spectral norm (Fig. 4)", "ic"),
     "untuned": Variant("image model frame by frame, untuned (floor)", "the image model (SD v1-4)", "none",
                        VideoOptions(frame_attention="self", temporal="none", resnet_norm="frame"), tuned=False),
 }

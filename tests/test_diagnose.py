@@ -1,6 +1,7 @@
 """The covariate-shift diagnostic: statistics on inputs with known answers, the hooks on real temporal modules, and
 `python -m ei2.diagnose` end to end on a tiny model in the SD folder layout (--compare ta,stam, --tune-steps, --run)."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,11 +13,11 @@ from torch import nn
 
 from ei2.attention import instance_centering
 from ei2.chart import nice_ticks
-from ei2.diagnose import main
+from ei2.diagnose import COMPARE, main, parser, subjects_from_args
 from ei2.mini.tokenizer import write_tiny_text_model
 from ei2.stats import (RunningStats, TemporalProbe, covariance_norm, covariance_ratio, layer_name, location_stats,
                        mean_shift, mu_rv, mu_z, short_name, temporal_mean)
-from ei2.unet import BasicTransformerBlock, UNet, UNetConfig, VideoOptions
+from ei2.unet import VARIANTS, BasicTransformerBlock, UNet, UNetConfig, VideoOptions
 from ei2.vae import AutoencoderKL, VAEConfig
 from ei2.weights import save_safetensors
 
@@ -169,6 +170,24 @@ def test_names_and_ticks():
     ticks = nice_ticks(0.0, 0.93)
     assert ticks[0] == 0.0 and ticks[-1] >= 0.93 and 3 <= len(ticks) <= 8
     assert len(nice_ticks(1.0, 1.0)) >= 2
+
+
+def test_compare_names_read_the_variants_table():
+    """--compare's names (unchanged, in this order) pick the temporal fields of ei2.unet.VARIANTS; the frame attention
+    is diagnose's own (--frame-attention), replaced on a copy, never in the table."""
+    assert list(COMPARE) == ["ta", "stam", "ln", "ln_noaffine", "no_norm", "instancenorm", "ic"]
+    temporal = {name: (VARIANTS[key].video.temporal, VARIANTS[key].video.temporal_norm)
+                for name, key in COMPARE.items()}
+    assert temporal == {"ta": ("ta", None), "stam": ("stam", None), "ln": ("ta", "layernorm"),
+                        "ln_noaffine": ("ta", "layernorm_noaffine"), "no_norm": ("ta", "none"),
+                        "instancenorm": ("ta", "instancenorm"), "ic": ("ta", "ic")}
+    assert VARIANTS["ta_ln"].video.temporal_norm_trainable and not VARIANTS["tav"].video.temporal_norm_trainable
+    subject = subjects_from_args(parser().parse_args(["--model", "m", "--video", "v", "--caption", "c", "--compare",
+                                                      "ta,ln", "--frame-attention", "full", "--ratio", "3"]))[1]
+    assert (subject.label, subject.description) == ("ln", VARIANTS["ta_ln"].module)
+    assert subject.video_options == dict(dataclasses.asdict(VARIANTS["ta_ln"].video), frame_attention="full", ratio=3)
+    assert VARIANTS["ta_ln"].video.frame_attention == "sca"  # the table itself unchanged
+
 
 
 # --- the command end to end on a tiny SD-layout model -------------------------------------------------------------
