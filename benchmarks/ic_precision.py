@@ -34,7 +34,11 @@ from pathlib import Path
 import torch
 
 import ei2.attention as attention
-from ei2.unet import BasicTransformerBlock
+from ei2 import diagnose
+from ei2.ddim import add_noise
+from ei2.pipeline import prepare_models
+from ei2.stats import layer_name
+from ei2.unet import BasicTransformerBlock, UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 FP32_IC = attention.instance_centering
@@ -127,12 +131,6 @@ def table(title: str, rows: list[tuple[str, dict]]) -> str:
 
 
 def mini_model(args) -> str:
-    from ei2 import diagnose
-    from ei2.pipeline import prepare_models
-    from ei2.stats import layer_name
-    from ei2.ddim import add_noise
-    from ei2.unet import UNet
-
     clip = diagnose.Clip(str(ROOT / "assets/demo/red-circle.gif"), "a red circle moving right on a white background",
                          8, 0, 1, 64)
     device = torch.device("cpu")

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import diffusers_reference as reference
 from ei2.config import TrainConfig
@@ -107,8 +108,6 @@ def tuning_flops(config: UNetConfig, frames: int, latent: int, video: dict | Non
     and no values, so the count is exact for the shapes, takes seconds and needs no GPU. Attention is counted as its
     two products forward and the products the needed gradients take backward; a fused GPU kernel may do a little more
     (it recomputes the scores). Gradient checkpointing's recomputation is not counted ("model FLOPs")."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     ei2 = video is not None
     with torch.device("meta"):
         model = UNet(config, VideoOptions(**video)) if ei2 else reference.unet(config)
