@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -13,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import (FRAME_ATTENTIONS, TEMPORAL_NORMS, Attention, FrameAttention, SpectralNormLinear,
                         temporal_module)
 from .errors import Ei2Error
+from .layers import GEGLU, Downsample, FeedForward, TimestepEmbedding, Upsample, recomputed, timestep_embedding
 from .norms import GroupNorm, LayerNorm, group_norm
 from .weights import load_exact, open_component, unet_state_dict
 
@@ -168,25 +168,6 @@ VARIANTS: dict[str, Variant] = {
 # --- Building blocks, named as in the published checkpoint -------------------------------------------------------------
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0) -> torch.Tensor:
-    """Sinusoidal embedding of the timesteps t (b,) -> (b, dim), as SD (DDPM / Transformer positional encoding)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-    return torch.cat([emb[:, half:], emb[:, :half]], dim=-1) if flip_sin_to_cos else emb
-
-
-class TimestepEmbedding(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class VideoGroupNorm(GroupNorm):
     """GroupNorm whose statistics span all n frames of a video (Tune-A-Video's inflated ResNets) when `video`."""
 
@@ -202,14 +183,6 @@ class VideoGroupNorm(GroupNorm):
         y = x.view(bn // n, n, c, h * w).transpose(1, 2).reshape(bn // n, c, n * h * w)
         y = group_norm(y, self.num_groups, self.weight, self.bias, self.eps)
         return y.view(bn // n, c, n, h * w).transpose(1, 2).reshape(bn, c, h, w)
-
-
-def recomputed(fn, *args):
-    """fn(*args), keeping only args for the backward pass, which runs fn again: for the cheap elementwise tails of a
-    block (GroupNorm + SiLU, GEGLU's gate) whose outputs would otherwise be kept, in full, for every layer."""
-    if torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
 
 
 class ResnetBlock(nn.Module):
@@ -236,34 +209,6 @@ class ResnetBlock(nn.Module):
         if self.recompute and self.training:
             return recomputed(lambda x: F.silu(norm(x, n)), x)
         return F.silu(norm(x, n))
-
-
-class GEGLU(nn.Module):
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
-        self.recompute = False  # UNet.recompute_activations
-
-    def forward(self, x):
-        h = self.proj(x)  # (..., 2 inner): value and gate
-        if self.recompute and self.training:  # keep h only; gelu(gate) (another inner per token) is recomputed
-            return recomputed(_geglu, h)
-        return _geglu(h)
-
-
-def _geglu(h):
-    x, gate = h.chunk(2, dim=-1)
-    return x * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        # net.0 GEGLU, net.1 dropout (no weights), net.2 output Linear: keys match the checkpoint's "ff.net.{0,2}"
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
-
-    def forward(self, x):
-        return self.net[2](self.net[0](x))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -318,24 +263,6 @@ class Transformer2D(nn.Module):
             y = block(y, context, n, (h, w))
         y = y.view(bn, h, w, c).permute(0, 3, 1, 2)  # tokens -> (b*n, c, h, w)
         return self.proj_out(y) + x
-
-
-class Downsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x, size):
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class Level(nn.Module):
