@@ -36,6 +36,8 @@ IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "runs", 
 
 EQ = "tests/test_equations.py::"
 MOD = "tests/test_modules.py::"
+UNET = "tests/test_unet.py::"
+DDIM = "tests/test_ddim.py::"
 
 
 @dataclass
@@ -74,7 +76,7 @@ MUTATIONS = [
     Mutation("temporal_heads_fixed_8", "ei2/unet.py",
              [("temporal_module(video.temporal, dim, heads, video.temporal_norm,",
                "temporal_module(video.temporal, dim, 8, video.temporal_norm,")],
-             [EQ + "test_stam_in_block_equals_naive_loop_eq9"],
+             [EQ + "test_stam_in_block_equals_naive_loop_eq9", MOD + "test_temporal_heads_follow_the_config"],
              "the temporal attention's heads ignore the level's head count (config)"),
     # --- Eq. 8: spectral norm
     Mutation("sn_dropped_in_W_v", "ei2/attention.py",
@@ -184,23 +186,74 @@ MUTATIONS = [
     # --- Section 4.1: GroupNorm over frames
     Mutation("resnet_groupnorm_per_frame", "ei2/unet.py",
              [("        if n == 1 or not self.video:\n", "        if True:\n")],
-             ["tests/test_unet.py::test_resnet_norm_over_frames", EQ + "test_unet_group_norms_pool_frames[video]"],
+             ["tests/test_unet.py::test_resnet_norm_over_frames", EQ + "test_unet_group_norms_pool_frames[video]",
+              UNET + "test_conv_norm_out_over_frames_by_hand"],
              "VideoGroupNorm ignores the frames (per-frame statistics)"),
     Mutation("conv_norm_out_ignores_resnet_norm", "ei2/unet.py",
              [('VideoGroupNorm(groups, ch[0], c.norm_eps, video.resnet_norm == "video")',
                'VideoGroupNorm(groups, ch[0], c.norm_eps, True)')],
-             [EQ + "test_unet_group_norms_pool_frames[frame]"],
+             [EQ + "test_unet_group_norms_pool_frames[frame]", UNET + "test_unet_output_norm_statistics[frame]"],
              "conv_norm_out pools frames even with resnet_norm: frame"),
     Mutation("conv_norm_out_per_frame", "ei2/unet.py",
              [("self.conv_norm_out(x, n)", "self.conv_norm_out(x, 1)")],
-             [EQ + "test_unet_group_norms_pool_frames[video]"],
+             [EQ + "test_unet_group_norms_pool_frames[video]", UNET + "test_unet_output_norm_statistics[video]"],
              "conv_norm_out normalizes each frame alone"),
     # --- Eq. 3: the attention scale
     Mutation("attention_scale_1", "ei2/attention.py",
              [("out = F.scaled_dot_product_attention(q, k, v)", "out = F.scaled_dot_product_attention(q, k, v, scale=1.0)")],
              [EQ + "test_proposition_1_i_monte_carlo_through_attention",
-              EQ + "test_stam_in_block_equals_naive_loop_eq9"],
+              EQ + "test_stam_in_block_equals_naive_loop_eq9", UNET + "test_tiny_parity_with_diffusers"],
              "softmax(Q K^T) V without 1/sqrt(d)"),
+    # --- Eq. 1, 2: the DDIM step, guidance, the forward process
+    Mutation("ddim_step_direction_a_t", "ei2/ddim.py",
+             [("direction = (1 - a_to - sigma**2) ** 0.5 * eps", "direction = (1 - a_t - sigma**2) ** 0.5 * eps")],
+             [DDIM + "test_step_matches_diffusers"],
+             "the direction pointing to x_t uses a_t instead of a_prev"),
+    Mutation("guidance_from_cond", "ei2/ddim.py",
+             [("return eps_u + guidance * (eps_c - eps_u)", "return eps_c + guidance * (eps_c - eps_u)")],
+             [DDIM + "test_guided_sampling_matches_diffusers_loop"],
+             "classifier-free guidance extrapolates from the conditional prediction"),
+    Mutation("add_noise_without_sqrt", "ei2/ddim.py",
+             [("return a**0.5 * x0 + (1 - a) ** 0.5 * noise", "return a * x0 + (1 - a) ** 0.5 * noise")],
+             [DDIM + "test_add_noise_matches_diffusers", EQ + "test_tune_steps_is_eq2"],
+             "q(x_t | x_0) with a_t instead of sqrt(a_t)"),
+    # --- Eq. 4: the transformer block
+    Mutation("cross_attention_reads_norm1", "ei2/unet.py",
+             [("x = x + self.attn2(self.norm2(x), context)", "x = x + self.attn2(self.norm1(x), context)")],
+             [UNET + "test_tiny_parity_with_diffusers"],
+             "cross-attention normalizes with the self-attention's LayerNorm"),
+    # --- Eq. 6 in half precision
+    Mutation("ic_in_low_precision", "ei2/attention.py",
+             [("        z32 = z.float()\n", "        z32 = z\n")],
+             [MOD + "test_instance_centering_in_bf16_autocast"],
+             "IC centers a bf16 stream in bf16"),
+    # --- Eq. 9 / Prop. 1 (ii): STAM's bias starts at zero, so the module starts as the identity on the mean
+    Mutation("stam_bias_random_init", "ei2/attention.py",
+             [("zero_out_bias=(kind == \"stam\")", "zero_out_bias=False")],
+             [MOD + "test_inflated_unet_one_frame_equals_image_sd",
+              MOD + "test_layernorm_ta_shifts_the_mean_where_stam_does_not"],
+             "STAM's output bias b keeps nn.Linear's random init"),
+    # --- Eq. 8: sigma converged when the layer is made
+    Mutation("sn_not_converged_at_creation", "ei2/attention.py",
+             [("        self.converge()\n", "")],
+             [MOD + "test_spectral_norm_converged_at_creation"],
+             "u, v start random: the first steps divide by a wrong sigma"),
+    # --- Eq. 10: full attention (r = 1)
+    Mutation("full_attention_per_frame", "ei2/attention.py",
+             [("q, k, v = (t.reshape(b, n * l, d) for t in (q, k, v))",
+               "q, k, v = (t.reshape(b * n, l, d) for t in (q, k, v))")],
+             [MOD + "test_ffam_r1_is_full_attention"],
+             "'full' attends within each frame only"),
+    # --- Section 4.1: pseudo-3D, frames travel as a batch of images
+    Mutation("frames_to_batch_mixes_channels", "ei2/unet.py",
+             [("x = sample.transpose(1, 2).reshape(b * n, -1, h, w)", "x = sample.reshape(b * n, -1, h, w)")],
+             [UNET + "test_pseudo_3d_is_per_frame"],
+             "(b, c, n, h, w) -> (b*n, c, h, w) without moving the frame axis: channels and frames mix"),
+    # --- Section 5: the trainable set with the temporal norm's affine (Fig. 4 "LayerNorm")
+    Mutation("temporal_norm_trainable_ignored", "ei2/unet.py",
+             [("or (temporal_norm and \".norm_temp.\" in name))", "or (False and \".norm_temp.\" in name))")],
+             [MOD + "test_trainable_set_with_the_temporal_norm"],
+             "the option temporal_norm_trainable adds nothing to the trainable set"),
 ]
 
 
