@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -200,7 +201,7 @@ def _coerce(name: str, value):
     read, wanted = COERCE[tp]
     try:
         return read(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise Ei2Error(f"{name} must be {wanted}, got {value!r}") from None
 
 
@@ -263,6 +264,45 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+# The one range table of every numeric key (int and float fields): name -> (low, high, low excluded); None: unbounded.
+# `check_value` applies it for the config, ei2.edit's --guidance/--steps and ei2.diagnose's numbers alike.
+RANGES = {
+    "n_frames": (1, None, False), "start": (0, None, False), "stride": (1, None, False), "size": (64, None, False),
+    "steps": (0, None, False), "learning_rate": (0, 1, True), "weight_decay": (0, 1, False),
+    "grad_clip": (0, None, True), "seed": (-2**63, 2**64 - 1, False), "guidance": (1, 100, False),
+    "inference_steps": (1, 1000, False), "inversion_steps": (1, 1000, False), "ratio": (1, None, False),
+    "checkpoint_every": (0, None, False), "fps": (0, 1000, True),
+}
+HINTS = {"steps": " (0 skips tuning)", "guidance": " (1 turns classifier-free guidance off)",
+         "checkpoint_every": " (0: only at the end)"}
+_NUMERIC = {name for name in FIELDS if _field_type(name)[0] in (int, float)}
+assert set(RANGES) == _NUMERIC, f"RANGES must cover exactly the numeric keys: {set(RANGES) ^ _NUMERIC}"
+
+
+def check_value(name: str, value, flag: str | None = None):
+    """`value` of the numeric key `name` (a TrainConfig field), checked for type, finiteness and RANGES; returns it.
+    Ei2Error names `flag` (e.g. "--lr") instead of the key when given."""
+    shown = flag or name
+    tp = _field_type(name)[0]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Ei2Error(f"{shown} must be {COERCE[tp][1]}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Ei2Error(f"{shown}={value} must be a finite number, not inf or nan")
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        raise Ei2Error(f"{shown}={value} must be an integer")
+    low, high, excluded = RANGES[name]
+    too_low = low is not None and (value <= low if excluded else value < low)
+    if too_low or (high is not None and value > high):
+        if high is None:
+            rule = f"> {low}" if excluded else f">= {low}"
+        elif tp is int and not excluded:
+            rule = f"in {low}..{high}"
+        else:
+            rule = f"{'>' if excluded else '>='} {low} and <= {high}"
+        raise Ei2Error(f"{shown}={value} must be {rule}{HINTS.get(name, '')}")
+    return value
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise Ei2Error for the first setting that cannot work, naming it and what it accepts."""
     checks = [
@@ -271,19 +311,6 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.caption.strip(), "caption is empty; set `caption:` to a prompt describing the input video"),
         (cfg.size > 0 and cfg.size % 64 == 0,
          f"size={cfg.size} must be a positive multiple of 64 (SD's UNet halves the 1/8 latent 3 times); e.g. 512"),
-        (cfg.n_frames >= 1, f"n_frames={cfg.n_frames} must be >= 1"),
-        (cfg.start >= 0, f"start={cfg.start} must be >= 0"),
-        (cfg.stride >= 1, f"stride={cfg.stride} must be >= 1"),
-        (cfg.steps >= 0, f"steps={cfg.steps} must be >= 0 (0 skips tuning)"),
-        (cfg.learning_rate > 0, f"learning_rate={cfg.learning_rate} must be > 0"),
-        (cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0"),
-        (cfg.grad_clip > 0, f"grad_clip={cfg.grad_clip} must be > 0"),
-        (cfg.guidance >= 1, f"guidance={cfg.guidance} must be >= 1 (1 turns classifier-free guidance off)"),
-        (1 <= cfg.inference_steps <= 1000, f"inference_steps={cfg.inference_steps} must be in 1..1000"),
-        (1 <= cfg.inversion_steps <= 1000, f"inversion_steps={cfg.inversion_steps} must be in 1..1000"),
-        (cfg.ratio >= 1, f"ratio={cfg.ratio} must be >= 1"),
-        (cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every} must be >= 0 (0: only at the end)"),
-        (cfg.fps > 0, f"fps={cfg.fps} must be > 0"),
         (cfg.output_dir.strip(), "output_dir is empty; set it to a folder for the outputs"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device),
          f"device={cfg.device!r} must be auto, cpu, cuda, cuda:N or mps"),
@@ -292,6 +319,8 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise Ei2Error(message)
+    for name in RANGES:
+        check_value(name, getattr(cfg, name))
     video_options(cfg)  # frame_attention, temporal, temporal_norm, resnet_norm: VideoOptions checks their values
     for name, value, allowed in (("precision", cfg.precision, PRECISIONS), ("score", cfg.score, SCORES)):
         if value not in allowed:

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import chart
-from .config import TrainConfig, load_config
+from .config import TrainConfig, check_value, load_config
 from .ddim import add_noise
 from .errors import Ei2Error, cli_main
 from .files import atomic_path
@@ -430,6 +430,9 @@ def subjects_from_args(args) -> list[Subject]:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    for key, flag in (("learning_rate", "lr"), ("steps", "tune_steps"), ("ratio", "ratio"), ("n_frames", "n_frames"),
+                      ("start", "start"), ("stride", "stride"), ("size", "size"), ("seed", "seed")):
+        check_value(key, getattr(args, flag), "--" + flag.replace("_", "-"))  # the config's ranges, one table
     timesteps = parse_timesteps(args.timesteps)
     subjects = subjects_from_args(args)
     labels = [s.label for s in subjects]

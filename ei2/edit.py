@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config, video_options
+from .config import check_value, load_config, video_options
 from .errors import Ei2Error, cli_main
 from .files import slug, write_json
 from .pipeline import load_models, render, resolve_device, resolve_precision
@@ -28,6 +28,9 @@ from .weights import read_state_dict
 def edit(run_dir, prompts: list[str], guidance: float | None = None, steps: int | None = None,
          device: str | None = None, precision: str | None = None, progress: bool = True) -> list[dict]:
     """Render `prompts` from the run in `run_dir`; returns the new entries of edits.json."""
+    for key, flag, value in (("inference_steps", "--steps", steps), ("guidance", "--guidance", guidance)):
+        if value is not None:  # the config's range table, before anything is read
+            check_value(key, value, flag)
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise Ei2Error(f"{run_dir} is not a finished ei2 run (no config.yaml); run python -m ei2.train first")
@@ -37,10 +40,8 @@ def edit(run_dir, prompts: list[str], guidance: float | None = None, steps: int 
     cfg = load_config(run_dir / "config.yaml")
     guidance = cfg.guidance if guidance is None else guidance
     steps = cfg.inference_steps if steps is None else steps
-    if not 1 <= steps <= 1000:
-        raise Ei2Error(f"steps={steps} must be in 1..1000")
-    if guidance < 1:
-        raise Ei2Error(f"guidance={guidance} must be >= 1 (1 turns classifier-free guidance off)")
+    check_value("inference_steps", steps, "--steps")
+    check_value("guidance", guidance, "--guidance")
     dev = resolve_device(device or cfg.device)
     models = load_models(cfg.model, video_options(cfg), dev, resolve_precision(precision or cfg.precision, dev))
     load_tuned(models.unet, run_dir / "tuned.safetensors")

@@ -46,9 +46,10 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def write_json(obj, path: str | os.PathLike) -> None:
-    """Write `obj` as indented JSON, atomically."""
+    """Write `obj` as indented JSON, atomically. NaN/inf are refused (ValueError, nothing written): they are not JSON."""
+    text = json.dumps(obj, indent=2, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2))
+        tmp.write_text(text)
 
 
 def first_line(e: BaseException) -> str:

@@ -9,6 +9,7 @@ the unconditional context.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -135,10 +136,25 @@ class TextEncoder(nn.Module):
         """(b, 77) token ids: bos, prompt tokens, eos padding; truncated to 77 (ending in eos) as SD does."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        self._warn_truncated(prompts)
         ids = self.tokenizer(
             list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         ).input_ids
         return ids.long()
+
+    def _warn_truncated(self, prompts: Sequence[str]) -> None:
+        """Once per prompt, on stderr: a prompt over max_length tokens (start and end token included) is cut, as SD
+        does; say how long it is and which text is kept."""
+        warned = self.__dict__.setdefault("_warned", set())
+        for prompt in prompts:
+            if prompt in warned:
+                continue
+            full = self.tokenizer(prompt, truncation=False, verbose=False).input_ids
+            if len(full) > self.max_length:
+                warned.add(prompt)
+                kept = self.tokenizer.decode(full[1:self.max_length - 1], skip_special_tokens=True)
+                print(f"warning: the prompt {prompt[:60]!r}... is {len(full)} tokens, CLIP reads {self.max_length} "
+                      f"(start and end included): only {kept!r} is used; shorten the prompt", file=sys.stderr)
 
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:

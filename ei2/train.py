@@ -25,7 +25,8 @@ import torch
 from .config import add_help, load_config, save_config, video_options
 from .errors import Ei2Error, cli_main
 from .files import slug, write_json
-from .mini.parse import clip_metrics, flat_scores
+from .mini import world
+from .mini.parse import SCORES, clip_metrics, structure_fidelity, temporal_consistency
 from .pipeline import (MAX_SKIPS, NonFiniteGradients, NonFiniteLoss, Phase, all_finite, encode_video,
                        invert, load_models, make_optimizer, render, resolve_device, resolve_precision, tune_steps,
                        versions)
@@ -155,7 +156,7 @@ def tune(cfg, models, posterior, out: Path, resume: bool, progress: bool) -> tup
 def render_edits(cfg, models, x_T, source, out: Path, timings: dict, progress: bool) -> tuple[list[dict], list]:
     """Each edit prompt rendered from x_T with guided DDIM (Eq. 1) and written to edits/; returns (edits.json's
     entries, the uint8 videos). Appends each render's seconds to timings["edit_s"]."""
-    edits, videos = [], []
+    edits, videos, said = [], [], set()
     timings["edit_s"] = []
     for i, prompt in enumerate(cfg.edit_prompts):
         with Phase(models.device, memory=False) as rendering:
@@ -165,7 +166,12 @@ def render_edits(cfg, models, x_T, source, out: Path, timings: dict, progress: b
         edits.append({"prompt": prompt, **{k: f"edits/{v}" for k, v in files.items()}, "seed": cfg.seed,
                       "guidance": cfg.guidance, "steps": cfg.inference_steps})
         if cfg.score == "mini":
-            edits[-1]["mini_metrics"] = mini_scores(video, prompt, source, cfg.caption)
+            edits[-1]["mini_metrics"], skipped = mini_scores(video, prompt, source, cfg.caption)
+            if skipped:
+                edits[-1]["mini_skipped"] = skipped
+                if skipped not in said:  # once per reason, not once per edit
+                    said.add(skipped)
+                    print(f"note: score mini: {skipped}", file=sys.stderr)
         videos.append(video)
     return edits, videos
 
@@ -179,10 +185,34 @@ def write_outputs(cfg, out: Path, source, edits: list[dict], videos: list, log: 
     write_json(log, out / "log.json")
 
 
-def mini_scores(video, prompt: str, source, caption: str) -> dict:
+def mini_scores(video, prompt: str, source, caption: str) -> tuple[dict, str | None]:
     """The miniature world's exact metrics of one edit (ei2.mini.parse): per-frame attribute alignment, structure
-    fidelity to the source, temporal consistency."""
-    return flat_scores(clip_metrics(video, prompt, source_frames=source, source_prompt=caption))
+    fidelity to the source, temporal consistency; and why some were not scored (None: all were). Scoring never breaks
+    a run: an edit prompt outside the miniature grammar leaves the attribute scores None (fidelity and consistency
+    need no text), a caption outside it the edited/kept ones; any other failure leaves every score None."""
+    outside = [name for name, text in (("edit prompt", prompt), ("caption", caption)) if not _in_grammar(text)]
+    try:
+        if "edit prompt" not in outside:
+            m = clip_metrics(video, prompt, source_frames=source, source_prompt=None if outside else caption)
+        else:
+            m = {"fidelity": structure_fidelity(video, source), "consistency": temporal_consistency(video)}
+    except Exception as e:  # a scoring bug must not cost the user the run's outputs
+        return dict.fromkeys(SCORES), f"not scored ({type(e).__name__}: {str(e)[:200]})"
+    scores = {name: m.get(section, {}).get(key) for name, (section, key) in SCORES.items()}
+    if not outside:
+        return scores, None
+    missing = ", ".join(k for k, v in scores.items() if v is None)
+    return scores, (f"the {' and the '.join(outside)} {'are' if len(outside) > 1 else 'is'} outside the miniature "
+                    "world's grammar ('a <color> <shape> [motion] on a <background> background', docs/mini.md), so "
+                    f"{missing} are not scored (null)")
+
+
+def _in_grammar(text: str) -> bool:
+    try:
+        world.parse_caption(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_resumable(cfg, out: Path, ckpt: Path) -> None:
@@ -203,11 +233,13 @@ def summary(out: Path, cfg) -> str:
              f"{out} --prompt \"...\")"]
     for e in json.loads((out / "edits.json").read_text()):
         if "mini_metrics" in e:
-            m = e["mini_metrics"]
+            m = {k: "-" if v is None else f"{v:.{1 if k == 'trajectory_error_px' else 2}f}"
+                 for k, v in e["mini_metrics"].items()}
             lines.append(f"  exact metrics of {e['prompt']!r} (fraction of frames; docs/mini.md): edited attribute "
-                         f"{m['edited_attribute_match']:.2f}, kept attributes {m['kept_attributes_match']:.2f}, "
-                         f"mask IoU vs source {m['mask_iou_vs_source']:.2f}, "
-                         f"trajectory error {m['trajectory_error_px']:.1f} px, stability {m['attribute_stability']:.2f}")
+                         f"{m['edited_attribute_match']}, kept attributes {m['kept_attributes_match']}, "
+                         f"mask IoU vs source {m['mask_iou_vs_source']}, "
+                         f"trajectory error {m['trajectory_error_px']} px, stability {m['attribute_stability']}"
+                         + (" (- : not scored, see mini_skipped in edits.json)" if "mini_skipped" in e else ""))
     if Path(cfg.model).resolve() != (REPO / "weights/stable-diffusion-v1-4").resolve():
         lines.append("real model: put Stable Diffusion v1-4 in weights/stable-diffusion-v1-4 (weights/README.md), then "
                      "python -m ei2.train --config configs/sd-v1-4.yaml on a GPU")

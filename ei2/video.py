@@ -52,6 +52,12 @@ def read_frames(
         if last >= len(files):
             raise _too_short(path, len(files), n_frames, start, stride)
         frames = {i: _open_image(files[i]) for i in wanted}
+        first = frames[wanted[0]].size
+        other = next((i for i in wanted if frames[i].size != first), None)
+        if other is not None:  # each would be cropped on its own: the clip would jump
+            (w0, h0), (w1, h1) = first, frames[other].size
+            raise Ei2Error(f"the frames in {path} differ in size: {files[wanted[0]].name} is {w0}x{h0}, "
+                           f"{files[other].name} is {w1}x{h1}; resize the frames to one size")
     else:
         reader = iter_file(path, last + 1)
         frames, count = {}, 0
@@ -148,9 +154,43 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
 def _open_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im, path)
+    except Ei2Error:
+        raise
     except Exception as e:
         raise Ei2Error(f"could not read image {path} ({first_line(e)}); remove or replace it") from None
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(im: Image.Image, path: str | os.PathLike = "image") -> Image.Image:
+    """An 8-bit RGB copy of any image Pillow opens, with its values kept: 16-bit grey (I;16*, and mode I holding
+    0..65535, as Pillow opens 16-bit PNGs) is scaled by 255/65535 (round(v / 257)); float (F) in [0, 1] by 255;
+    transparency (RGBA, LA, PA, P with a transparent colour) is composited on white; 1, L, P, CMYK, YCbCr are
+    converted by Pillow. Values it cannot map (mode I beyond 16 bits, F outside [0, 1]) raise Ei2Error, never a
+    silent all-white or all-black frame."""
+    mode = im.mode
+    if mode in SIXTEEN_BIT or mode in ("I", "F"):
+        a = np.asarray(im)
+        if mode == "F":
+            if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+                raise Ei2Error(f"{path} is a float image with values {a.min():g}..{a.max():g}, not in [0, 1]; save "
+                               "it as an 8- or 16-bit image")
+            a = np.round(a * 255.0)
+        else:
+            if a.min() < 0 or a.max() > 65535:
+                raise Ei2Error(f"{path} is a 32-bit integer image with values {a.min()}..{a.max()}, beyond 16 bits; "
+                               "save it as an 8- or 16-bit image")
+            a = np.round(a.astype(np.float64) / 257.0)
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def iter_file(path: Path, max_frames: int) -> Iterator[Image.Image]:
@@ -163,7 +203,7 @@ def _iter_pillow(path: Path) -> Iterator[Image.Image]:
     with Image.open(path) as im:
         for i in range(getattr(im, "n_frames", 1)):
             im.seek(i)
-            yield im.convert("RGB")
+            yield im.convert("RGB") if path.suffix.lower() in GIF_EXTS else to_rgb(im, path)
 
 
 def _iter_ffmpeg(path: Path, max_frames: int) -> Iterator[Image.Image]:
