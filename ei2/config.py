@@ -3,6 +3,11 @@
 Defaults are the paper's (section 5: 8 frames of 512x512, AdamW at 3e-5 for 500 steps, guidance 7.5 from a DDIM
 inversion) and, where the paper is silent, Tune-A-Video's, which it follows (grad clip 1.0, weight decay 1e-2, 50 DDIM
 steps, seed 33). The one-line help of every field is also the README's table of config keys (`describe_keys`).
+
+Paths (`resolve_path`, the same rule for every CLI): `~` is expanded; a relative `model` or `video` is looked up in the
+working directory first, then in the repository the config comes from (the parent of the config's folder when that
+folder is configs/, else the config's folder); the resolved config holds absolute paths, so a run's config.yaml works
+from any directory. A relative output_dir is the working directory's.
 """
 
 from __future__ import annotations
@@ -105,7 +110,35 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg = TrainConfig(**values)
     cfg.output_dir = cfg.output_dir.replace("<name>", Path(path).stem if path is not None else "run")
     validate(cfg)
+    cfg.model, cfg.video = (resolve_path(p, path) for p in (cfg.model, cfg.video))
+    cfg.output_dir = str(Path(cfg.output_dir).expanduser())
     return cfg
+
+
+def config_repo(config: str | Path | None) -> Path | None:
+    """The folder a config's relative paths may also be relative to: the parent of the config's folder when that
+    folder is named configs/ (configs/demo.yaml -> the repository), else the config's own folder (a run's
+    config.yaml -> the run folder); None without a config file."""
+    if config is None:
+        return None
+    folder = Path(config).expanduser().resolve().parent
+    return folder.parent if folder.name == "configs" else folder
+
+
+def resolve_path(value: str, config: str | Path | None = None) -> str:
+    """The one rule of every CLI for a model or video path: `~` expanded; an absolute path kept; a relative path
+    looked up in the working directory first, then under `config_repo(config)`; returned absolute (the working
+    directory's when it exists nowhere, so the not-found error names the full path)."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    here = Path.cwd() / path
+    repo = config_repo(config)
+    if not here.exists() and repo is not None and (repo / path).exists():
+        return str(repo / path)
+    return str(here)
+
+
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
@@ -247,7 +280,7 @@ def _field_name(key: str, where: str) -> str:
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise Ei2Error(f"config file not found: {path}; pass --config with the path of a YAML file (see configs/)")
+        raise Ei2Error(f"config file not found: {path}; give --config the path of an existing YAML file (examples in configs/)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

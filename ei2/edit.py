@@ -20,20 +20,31 @@ from .config import check_value, load_config, video_options
 from .errors import Ei2Error, cli_main
 from .files import slug, write_json
 from .pipeline import load_models, render, resolve_device, resolve_precision
-from .tuned import load_tuned
+from .tuned import check_run_parts, load_tuned, read_tuned_metadata
 from .video import to_uint8, write_clip
-from .weights import read_state_dict
+from .weights import check_sd_folder, read_state_dict
+
+
+# the parts of a run that ei2.edit reads, and what each is
+PARTS = {"config.yaml": "the run's settings", "tuned.safetensors": "the tuned weights",
+         "inverted.safetensors": "the inverted latent x_T"}
 
 
 def edit(run_dir, prompts: list[str], guidance: float | None = None, steps: int | None = None,
-         device: str | None = None, precision: str | None = None, progress: bool = True) -> list[dict]:
-    """Render `prompts` from the run in `run_dir`; returns the new entries of edits.json."""
+         device: str | None = None, precision: str | None = None, progress: bool = True,
+         force: bool = False) -> list[dict]:
+    """Render `prompts` from the run in `run_dir`; returns the new entries of edits.json. The run's parts are checked
+    to belong together first (`check_run_parts`; `force` renders anyway, with a warning)."""
     for key, flag, value in (("inference_steps", "--steps", steps), ("guidance", "--guidance", guidance)):
         if value is not None:  # the config's range table, before anything is read
             check_value(key, value, flag)
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise Ei2Error(f"{run_dir} is not a finished ei2 run (no config.yaml); run python -m ei2.train first")
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise Ei2Error(f"run folder not found: {run_dir}; give --run the output_dir of a `python -m ei2.train` run")
+    missing = [f"{name} ({what})" for name, what in PARTS.items() if not (run_dir / name).is_file()]
+    if missing:
+        raise Ei2Error(f"{run_dir} is not a finished ei2 run: missing {', '.join(missing)}; run python -m ei2.train "
+                       f"with output_dir {run_dir} (or --resume it if it was interrupted)")
     for i, p in enumerate(prompts):
         if not p.strip():
             raise Ei2Error(f"prompt {i + 1} is empty; write the edit, e.g. --prompt \"a cat surfing\"")
@@ -43,18 +54,23 @@ def edit(run_dir, prompts: list[str], guidance: float | None = None, steps: int 
     check_value("inference_steps", steps, "--steps")
     check_value("guidance", guidance, "--guidance")
     dev = resolve_device(device or cfg.device)
+    tuned = run_dir / "tuned.safetensors"
+    x_T = read_state_dict(run_dir / "inverted.safetensors").get("latent")
+    if x_T is None:
+        raise Ei2Error(f"{run_dir / 'inverted.safetensors'} holds no 'latent' tensor; run python -m ei2.train again")
+    check_sd_folder(cfg.model)
+    check_run_parts(read_tuned_metadata(tuned), tuned, cfg.model, x_T.shape, force)
     models = load_models(cfg.model, video_options(cfg), dev, resolve_precision(precision or cfg.precision, dev))
-    load_tuned(models.unet, run_dir / "tuned.safetensors")
+    load_tuned(models.unet, tuned)
     models.unet.eval()
-    x_T = read_state_dict(run_dir / "inverted.safetensors")["latent"]
     torch.manual_seed(cfg.seed)
 
     listing = run_dir / "edits.json"
-    entries = json.loads(listing.read_text()) if listing.is_file() else []
+    entries = complete_listing(run_dir, json.loads(listing.read_text()) if listing.is_file() else [])
     new = []
     for prompt in prompts:
         video = to_uint8(render(models, x_T, prompt, guidance, steps, progress=progress))
-        stem = f"{len(entries):02d}-{slug(prompt)}"
+        stem = f"{next_index(run_dir, entries):02d}-{slug(prompt)}"
         files = write_clip(video, run_dir / "edits" / stem, cfg.fps)
         entry = {"prompt": prompt, **{k: f"edits/{v}" for k, v in files.items()}, "seed": cfg.seed,
                  "guidance": guidance, "steps": steps}
@@ -62,6 +78,26 @@ def edit(run_dir, prompts: list[str], guidance: float | None = None, steps: int 
         new.append(entry)
         write_json(entries, listing)
     return new
+
+
+def complete_listing(run_dir: Path, entries: list[dict]) -> list[dict]:
+    """edits.json's entries plus one for every video in edits/ that it does not list (written by an interrupted or an
+    older run), so that the listing stays complete; such an entry has the prompt as far as the file name tells it."""
+    listed = {e.get(k) for e in entries for k in ("mp4", "gif")}
+    orphans: dict[str, dict] = {}
+    for f in sorted((run_dir / "edits").glob("*")):
+        rel = f"edits/{f.name}"
+        if f.suffix in (".mp4", ".gif") and rel not in listed:
+            entry = orphans.setdefault(f.stem, {"prompt": f.stem.partition("-")[2].replace("-", " "),
+                                                "unlisted": "found in edits/, not in edits.json; prompt from the name"})
+            entry[f.suffix[1:]] = rel
+    return entries + list(orphans.values())
+
+
+def next_index(run_dir: Path, entries: list[dict]) -> int:
+    """The number of the next edit: past every listed entry and every file in edits/ (never overwrite one)."""
+    taken = [int(f.name.partition("-")[0]) for f in (run_dir / "edits").glob("*") if f.name.partition("-")[0].isdigit()]
+    return max([len(entries)] + [i + 1 for i in taken])
 
 
 @cli_main
@@ -74,10 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="DDIM sampling steps (default: the run's)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda (default: the run's)")
     p.add_argument("--precision", default=None, help="auto, fp32, bf16, fp16 (default: the run's)")
+    p.add_argument("--force", action="store_true",
+                   help="render even when the base model or the inverted latent is not the run's own (with a warning)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     for e in edit(args.run, args.prompt, args.guidance, args.steps, args.device, args.precision,
-                  progress=not args.no_progress):
+                  progress=not args.no_progress, force=args.force):
         print(f"{e['prompt']!r}: {Path(args.run) / e['mp4']}")
 
 

@@ -119,9 +119,9 @@ class TextEncoder(nn.Module):
             raise Ei2Error(f"{path} is not a model folder or a .safetensors/.ckpt checkpoint")
         if tokenizer is None:
             raise Ei2Error(
-                f"{path} is a single-file checkpoint, which carries no tokenizer: pass tokenizer=<SD folder's "
-                "tokenizer/> (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json); "
-                "see weights/README.md"
+                f"{path} is a single-file checkpoint, which carries no tokenizer: put SD v1-4's tokenizer/ folder "
+                f"(vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) next to it, as "
+                f"{path.parent / 'tokenizer'}; see weights/README.md"
             )
         tok = load_tokenizer(tokenizer)  # check the tokenizer before reading a multi-GB file
         from transformers import CLIPTextModel

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,9 +29,9 @@ from .files import slug, write_json
 from .mini import world
 from .mini.parse import SCORES, clip_metrics, structure_fidelity, temporal_consistency
 from .pipeline import (MAX_SKIPS, NonFiniteGradients, NonFiniteLoss, Phase, all_finite, encode_video,
-                       invert, load_models, make_optimizer, render, resolve_device, resolve_precision, tune_steps,
-                       versions)
-from .tuned import (load_training_state, read_tuned_metadata, save_training_state, save_tuned,
+                       invert, load_models, make_optimizer, render, resolve_device, resolve_precision, to_video,
+                       tune_steps, versions)
+from .tuned import (base_fingerprint, load_training_state, read_tuned_metadata, save_training_state, save_tuned,
                     trainable_parameters)
 from .video import frame_grid, read_frames, side_by_side, to_uint8, write_clip, write_image, write_video
 from .weights import check_sd_folder, save_safetensors
@@ -51,6 +52,8 @@ def run(cfg, resume: bool = False, progress: bool = True) -> Path:
     out = Path(cfg.output_dir)
     device, precision = check_job(cfg, out, resume)
     frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size, cfg.resize)
+    if not resume:
+        clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     log = {"loss": [], "skipped_steps": [], "timings": {}, "peak_memory_gib": {}, "versions": versions(device),
@@ -67,7 +70,8 @@ def run(cfg, resume: bool = False, progress: bool = True) -> Path:
             posterior = encode_video(models, frames)
             log["loss"], log["skipped_steps"] = tune(cfg, models, posterior, out, resume, progress)
         timings["tuning_s"] = tuning.seconds
-        save_tuned(models.unet, out / "tuned.safetensors", cfg.model, {"steps": cfg.steps, "caption": cfg.caption})
+        save_tuned(models.unet, out / "tuned.safetensors", cfg.model, {"steps": cfg.steps, "caption": cfg.caption,
+                   "base_fingerprint": base_fingerprint(cfg.model), "inverted_shape": list(to_video(posterior.mean).shape)})
         with Phase(device, memory=False) as inversion:
             x_T = invert(models, posterior, cfg.inversion_steps, progress=progress)
         timings["inversion_s"] = inversion.seconds
@@ -215,9 +219,35 @@ def _in_grammar(text: str) -> bool:
     return True
 
 
+# what a run writes in its folder (`clear_run` removes these and nothing else: a lock or the user's own files stay)
+RUN_FILES = ("config.yaml", "tuned.safetensors", "inverted.safetensors", "source.*", "edits", "edits.json",
+             "comparison.*", "log.json", "checkpoints")
+
+
+def clear_run(out: Path) -> None:
+    """A new run into a used run folder replaces that run: its outputs (RUN_FILES) are removed, with a notice, so
+    the folder never mixes two runs (--resume continues a run instead; ei2.edit adds to one)."""
+    if not out.is_dir():
+        return
+    found = sorted({p for pattern in RUN_FILES for p in out.glob(pattern)})
+    if not found:
+        return
+    print(f"{out} holds an earlier run: replacing it (removed {', '.join(p.name for p in found)}; "
+          "--resume continues a run instead)")
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def check_resumable(cfg, out: Path, ckpt: Path) -> None:
     if not ckpt.is_file():
         raise Ei2Error(f"--resume: no checkpoint at {ckpt}; run without --resume to start this run")
+    step = int(read_tuned_metadata(ckpt).get("step", 0))
+    if cfg.steps < step:
+        raise Ei2Error(f"--resume: the checkpoint {ckpt} is at step {step} but steps={cfg.steps}; pass --steps {step} "
+                       "or more, or start a new run (without --resume)")
     saved = dataclasses.asdict(load_config(out / "config.yaml"))
     changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
     if changed:

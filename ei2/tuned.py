@@ -7,6 +7,7 @@ Also the resumable training state (optimizer moments, step, random generator) fo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch import nn
 
 from .errors import Ei2Error
 from .unet import UNet, VideoOptions, is_temporal_key, is_trainable_key
-from .weights import read_state_dict, save_safetensors
+from .weights import open_component, read_state_dict, save_safetensors
 
 
 # The version of what a tuned model computes. Format 2: conv_norm_out takes its statistics over all frames (with
@@ -25,6 +26,7 @@ from .weights import read_state_dict, save_safetensors
 # Instance Centering runs in fp32 under autocast. Format 1 (no "format" in the metadata): per-frame conv_norm_out,
 # 8 temporal heads everywhere, IC in the autocast dtype; its tensors would be used by a different network.
 FORMAT = 2
+MIB = 1 << 20
 
 
 def computes(unet: UNet) -> dict:
@@ -60,6 +62,41 @@ def check_format(meta: dict, path: str | os.PathLike) -> None:
                        f"ran in bf16/fp16 under autocast: this ei2 (format {FORMAT}) computes another network; "
                        f"{_redo(path)}")
     raise Ei2Error(f"{path} was written by a newer ei2 (format {fmt}; this one reads format {FORMAT}); update ei2")
+
+
+def base_fingerprint(model: str | os.PathLike) -> str:
+    """A cheap fingerprint of a base model's weights: sha256 over the UNet weight file's size, first MiB and last MiB
+    (the file itself for a single-file checkpoint), so a swapped or retrained base model is told apart from the one
+    a run was tuned on without reading gigabytes."""
+    weights = open_component(model, "unet").weights
+    size = weights.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(weights, "rb") as f:
+        h.update(f.read(MIB))
+        f.seek(max(size - MIB, 0))
+        h.update(f.read(MIB))
+    return h.hexdigest()
+
+
+def check_run_parts(meta: dict, path, model: str | os.PathLike, latent_shape, force: bool = False) -> None:
+    """The parts of a run belong together: the base model has the fingerprint recorded in the tuned file, the
+    inverted latent has the recorded shape. A mismatch is an Ei2Error, or a warning with `force`. A tuned file
+    without the records (older ei2) skips the check with a notice."""
+    if "base_fingerprint" not in meta:
+        print(f"note: {path} records no base-model fingerprint (an older ei2): not checking that the base model "
+              "and the inverted latent belong to this run")
+        return
+    problems = []
+    if meta["base_fingerprint"] != base_fingerprint(model):
+        problems.append(f"the base model {model} is not the one the run was tuned on ({meta.get('base_model')}: "
+                        "its UNet weights differ)")
+    if list(meta.get("inverted_shape", latent_shape)) != list(latent_shape):
+        problems.append(f"the inverted latent has shape {list(latent_shape)}, the run recorded "
+                        f"{list(meta['inverted_shape'])}")
+    if problems and force:
+        print(f"warning: --force: rendering anyway, though {'; '.join(problems)}")
+    elif problems:
+        raise Ei2Error(f"{'; '.join(problems)}; use the run's own files (or --force to render anyway)")
 
 
 def tuned_state_dict(unet: UNet) -> dict[str, torch.Tensor]:

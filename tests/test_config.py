@@ -46,7 +46,7 @@ def test_yaml_then_cli_overrides(tmp_path):
     path = write(tmp_path, "video: clips/a.gif\ncaption: a red circle\nsteps: 20\nedit_prompts: [a blue circle]\n"
                            "learning_rate: 1e-4\nspectral_norm: true\n", name="circle.yaml")
     c = load_config(path, [])
-    assert (c.video, c.caption, c.steps) == ("clips/a.gif", "a red circle", 20)
+    assert (c.video, c.caption, c.steps) == (str(Path.cwd() / "clips/a.gif"), "a red circle", 20)  # absolute
     assert c.learning_rate == 1e-4 and c.spectral_norm is True  # 1e-4 is text to PyYAML, still a float here
     assert c.edit_prompts == ["a blue circle"] and c.output_dir == "runs/circle"
     c = load_config(path, ["--steps", "5", "--edit_prompts", "a green circle", "a star", "--learning-rate=2e-5"])
@@ -143,7 +143,7 @@ def test_validation(args, message):
 
 def test_steps_zero_and_files_not_checked():
     c = load_config(None, ["--video", "does/not/exist.mp4", "--caption", "c", "--steps", "0", "--model", "nowhere"])
-    assert c.steps == 0 and c.video == "does/not/exist.mp4"
+    assert c.steps == 0 and c.video == str(Path.cwd() / "does/not/exist.mp4")
 
 
 def test_round_trip(tmp_path):
@@ -156,7 +156,8 @@ def test_round_trip(tmp_path):
     d = TrainConfig(video="v", caption="c")
     d.output_dir = "out"
     save_config(d, tmp_path / "d.yaml")
-    assert load_config(tmp_path / "d.yaml", []) == d
+    assert load_config(tmp_path / "d.yaml", []) == dataclasses.replace(d, video=str(Path.cwd() / "v"),
+                                                                      model=str(Path.cwd() / d.model))
 
 
 def test_resolve_precision():
