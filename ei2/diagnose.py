@@ -37,7 +37,7 @@ from . import chart
 from .config import TrainConfig, check_value, load_config
 from .ddim import add_noise
 from .errors import Ei2Error, cli_main
-from .files import atomic_path
+from .files import atomic_path, check_writable_dir
 from .pipeline import (Models, autocast, make_optimizer, prepare_models, resolve_device, resolve_precision,
                        tune_steps)
 from .stats import TemporalProbe
@@ -439,9 +439,10 @@ def main(argv: list[str] | None = None) -> None:
     for i, s in enumerate(subjects):  # two runs with the same folder name
         if labels.count(s.label) > 1:
             s.label = f"{s.label}#{i + 1}"
+    out = args.out or (args.run[0] if len(args.run) == 1 else "runs/diagnose")
+    check_writable_dir(out, "--out folder")  # before the compute, not after it
     report = diagnose(subjects, timesteps, seed=args.seed, device=args.device, precision=args.precision,
                       tune_steps=args.tune_steps, lr=args.lr, progress=not args.no_progress)
-    out = args.out or (args.run[0] if len(args.run) == 1 else "runs/diagnose")
     files = write_outputs(report, out)
     print(format_table(report))
     print(f"wrote {files['json']}, {files['png']}, {files['txt']}")

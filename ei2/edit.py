@@ -18,7 +18,7 @@ import torch
 
 from .config import check_value, load_config, video_options
 from .errors import Ei2Error, cli_main
-from .files import slug, write_json
+from .files import RunLock, check_writable_dir, clean_stale_temp_files, slug, write_json
 from .pipeline import load_models, render, resolve_device, resolve_precision
 from .tuned import check_run_parts, load_tuned, read_tuned_metadata
 from .video import to_uint8, write_clip
@@ -48,6 +48,15 @@ def edit(run_dir, prompts: list[str], guidance: float | None = None, steps: int 
     for i, p in enumerate(prompts):
         if not p.strip():
             raise Ei2Error(f"prompt {i + 1} is empty; write the edit, e.g. --prompt \"a cat surfing\"")
+    check_writable_dir(run_dir, "run folder")
+    with RunLock(run_dir):  # never two writers in one run (a train or another edit)
+        clean_stale_temp_files(run_dir)
+        return edit_locked(run_dir, prompts, guidance, steps, device, precision, progress, force)
+
+
+def edit_locked(run_dir: Path, prompts: list[str], guidance, steps, device, precision, progress: bool,
+                force: bool = False) -> list[dict]:
+    """`edit` once the run folder is checked writable and locked."""
     cfg = load_config(run_dir / "config.yaml")
     guidance = cfg.guidance if guidance is None else guidance
     steps = cfg.inference_steps if steps is None else steps

@@ -9,7 +9,9 @@ class Ei2Error(Exception):
 
 
 def cli_main(fn):
-    """Decorator for a command-line `main`: an Ei2Error becomes `error: <message>` on stderr and exit code 2."""
+    """Decorator for a command-line `main`, its one error boundary: an Ei2Error becomes `error: <message>` on stderr
+    and exit code 2; so does an OSError (a full disk, a read-only file system, no permission, ...), as
+    `error: <what> (<path>): <fix>`; Ctrl-C is `interrupted` and exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -17,6 +19,10 @@ def cli_main(fn):
             return fn(*args, **kwargs)
         except Ei2Error as e:
             print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as e:
+            from .files import os_error_line
+            print(f"error: {os_error_line(e)}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -26,7 +26,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .files import atomic_path, first_line
+from .files import atomic_path, check_writable_dir, first_line
 from .errors import Ei2Error, cli_main
 from .pipeline import resolve_device
 from .stats import frame_consistency, textual_alignment
@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         raise Ei2Error(f"run directory not found: {args.run}")
     if args.video:
         read_all_frames(args.video, 1)  # a missing or broken video fails before CLIP loads
+    if args.run or args.json:  # where metrics.json / --json go, before CLIP loads
+        check_writable_dir(args.run or Path(args.json).parent, "run folder" if args.run else "--json folder")
     scorer = ClipScorer(args.clip, resolve_device(args.device))
     if args.run:
         metrics = evaluate_run(args.run, scorer, args.max_frames, progress=not args.no_progress)

@@ -25,7 +25,7 @@ import torch
 
 from .config import add_help, load_config, save_config, video_options
 from .errors import Ei2Error, cli_main
-from .files import slug, write_json
+from .files import RunLock, check_writable_dir, clean_stale_temp_files, slug, write_json
 from .mini import world
 from .mini.parse import SCORES, clip_metrics, structure_fidelity, temporal_consistency
 from .pipeline import (MAX_SKIPS, NonFiniteGradients, NonFiniteLoss, Phase, all_finite, encode_video,
@@ -49,8 +49,15 @@ def run(cfg, resume: bool = False, progress: bool = True) -> Path:
 
     log.json: timings (load_s, tuning_s: encoding and tuning, inversion_s, edit_s: one per edit) and
     peak_memory_gib, the absolute peaks (`Phase.peak_gib`) of training (tuning + inversion) and inference (edits)."""
-    out = Path(cfg.output_dir)
+    out = check_writable_dir(cfg.output_dir)
     device, precision = check_job(cfg, out, resume)
+    with RunLock(out):  # one run per folder at a time, for the whole run (also under --resume)
+        clean_stale_temp_files(out)
+        return run_locked(cfg, out, resume, progress, device, precision)
+
+
+def run_locked(cfg, out: Path, resume: bool, progress: bool, device, precision) -> Path:
+    """`run` once the output folder is checked writable and locked."""
     frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size, cfg.resize)
     if not resume:
         clear_run(out)

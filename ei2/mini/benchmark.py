@@ -32,7 +32,7 @@ import torch
 
 from .. import diagnose as diag
 from ..errors import Ei2Error, cli_main
-from ..files import atomic_path
+from ..files import atomic_path, check_writable_dir
 from ..pipeline import (Phase, encode_video, invert, load_models, make_optimizer, render, resolve_device,
                         resolve_precision, tune_steps)
 from ..tuned import save_tuned
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     precision = resolve_precision("auto", device)
-    out = Path(args.out)
+    out = check_writable_dir(args.out, "--out folder")
     clips = suite(args.clips, args.edit_list)
     settings = {k: getattr(args, k) for k in ("model", "steps", "lr", "inference_steps", "inversion_steps",
                                               "guidance")} | {
