@@ -139,8 +139,6 @@ def resolve_path(value: str, config: str | Path | None = None) -> str:
     return str(here)
 
 
-
-
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically); `load_config(path)` gives it back."""
     text = "# resolved ei2 config\n" + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
