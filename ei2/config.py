@@ -30,6 +30,7 @@ from .unet import VideoOptions
 from .video import RESIZES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = r"auto|cpu|cuda(:\d+)?|mps"  # the pattern of a device name
 SCORES = ("none", "mini")
 
 
@@ -343,7 +344,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.size > 0 and cfg.size % 64 == 0,
          f"size={cfg.size} must be a positive multiple of 64 (SD's UNet halves the 1/8 latent 3 times); e.g. 512"),
         (cfg.output_dir.strip(), "output_dir is empty; set it to a folder for the outputs"),
-        (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device),
+        (re.fullmatch(DEVICES, cfg.device),
          f"device={cfg.device!r} must be auto, cpu, cuda, cuda:N or mps"),
     ]
     checks.append((cfg.resize in RESIZES, _not_one_of("resize", cfg.resize, RESIZES)))

@@ -38,6 +38,10 @@ def edit(run_dir, prompts: list[str], guidance: float | None = None, steps: int 
     for key, flag, value in (("inference_steps", "--steps", steps), ("guidance", "--guidance", guidance)):
         if value is not None:  # the config's range table, before anything is read
             check_value(key, value, flag)
+    if device is not None:
+        resolve_device(device)  # a device this machine has, before anything is read
+    if precision is not None:
+        resolve_precision(precision, torch.device("cpu"))  # one of PRECISIONS
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise Ei2Error(f"run folder not found: {run_dir}; give --run the output_dir of a `python -m ei2.train` run")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__, ddim
+from .config import DEVICES, PRECISIONS
 from .errors import Ei2Error
 from .text import TextEncoder
 from .unet import UNet, VideoOptions, mark_trainable
@@ -34,16 +35,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda, cuda:N or mps -> a device this machine has (else a one-line Ei2Error naming the fix)."""
+    if not re.fullmatch(DEVICES, name):
+        raise Ei2Error(f"device {name!r} is not one of auto, cpu, cuda, cuda:N, mps; e.g. --device cuda:0")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Ei2Error(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise Ei2Error(f"device {name!r} asked for but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise Ei2Error(f"device {name!r} asked for but MPS (Apple GPU) is not available here; use --device cpu")
     return device
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """auto: bf16 on a CUDA card that has it, else fp16; fp32 on CPU (CPU half-precision kernels are slow)."""
+    if name not in PRECISIONS:
+        raise Ei2Error(f"precision {name!r} is not one of {', '.join(PRECISIONS)}; e.g. --precision fp32")
     if name == "auto":
         if device.type != "cuda":
             return "fp32"
