@@ -230,9 +230,12 @@ MUTATIONS = [
     # --- Eq. 9 / Prop. 1 (ii): STAM's bias starts at zero, so the module starts as the identity on the mean
     Mutation("stam_bias_random_init", "ei2/attention.py",
              [("zero_out_bias=(kind == \"stam\")", "zero_out_bias=False")],
-             [MOD + "test_inflated_unet_one_frame_equals_image_sd",
-              MOD + "test_layernorm_ta_shifts_the_mean_where_stam_does_not"],
+             [MOD + "test_inflated_unet_one_frame_equals_image_sd"],
              "STAM's output bias b keeps nn.Linear's random init"),
+    Mutation("stam_normalized_by_layernorm", "ei2/attention.py",
+             [('norm = norm or ("ic" if kind == "stam" else "layernorm")', 'norm = norm or "layernorm"')],
+             [MOD + "test_layernorm_ta_shifts_the_mean_where_stam_does_not"],
+             "STAM normalizes with LayerNorm (over channels) instead of Instance Centering (over frames)"),
     # --- Eq. 8: sigma converged when the layer is made
     Mutation("sn_not_converged_at_creation", "ei2/attention.py",
              [("        self.converge()\n", "")],
