@@ -21,7 +21,7 @@ def cli_main(fn):
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         except OSError as e:
-            from .files import os_error_line
+            from .files import os_error_line  # here, not at the top: files imports Ei2Error from this module
             print(f"error: {os_error_line(e)}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
