@@ -1,6 +1,8 @@
 """User-facing errors: one line that names the problem and the fix, printed without a traceback by the CLIs."""
 
+import errno
 import functools
+import re
 import sys
 
 
@@ -21,7 +23,6 @@ def cli_main(fn):
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         except OSError as e:
-            from .files import os_error_line  # here, not at the top: files imports Ei2Error from this module
             print(f"error: {os_error_line(e)}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
@@ -29,3 +30,39 @@ def cli_main(fn):
             raise SystemExit(130) from None
 
     return wrapper
+
+
+OS_ERRORS = {  # errno -> (what, fix)
+    errno.ENOSPC: ("no space left on device", "free space or choose another output_dir"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another output_dir"),
+    errno.EROFS: ("read-only file system", "choose an output_dir on a writable file system"),
+    errno.EACCES: ("permission denied", "choose a path you can write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a path you can write to, or fix its permissions"),
+    errno.ENOENT: ("no such file or folder", "check the path (or create its folder)"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path or choose another output_dir"),
+    errno.EISDIR: ("is a folder, not a file", "check the path"),
+    errno.EEXIST: ("already exists", "remove it or choose another path"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter output_dir or prompt"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or close other programs"),
+    errno.ENFILE: ("too many open files in the system", "close other programs and run again"),
+    errno.EIO: ("input/output error", "check the disk and run again"),
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """The one-line `<what> (<path>): <fix>` for an OSError, as the CLIs print it."""
+    what, fix = OS_ERRORS.get(e.errno, ((e.strerror or first_line(e)).lower(), "check the path and the file system"))
+    where = f" ({e.filename})" if e.filename is not None else ""
+    return f"{what}{where}: {fix}"
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors; for imageio-ffmpeg, also ffmpeg's last stderr
+    line (its verdict)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[0]
+    if "=== stderr ===" in lines and lines[-1] != "=== stderr ===":
+        text += ": " + re.sub(r"^\[[^\]]*\]\s*", "", lines[-1])
+    return text[:300]

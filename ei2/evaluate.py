@@ -26,8 +26,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .files import atomic_path, check_writable_dir, first_line
-from .errors import Ei2Error, cli_main
+from .files import atomic_path, check_writable_dir
+from .errors import Ei2Error, cli_main, first_line
 from .pipeline import resolve_device
 from .stats import frame_consistency, textual_alignment
 from .unet import VARIANTS

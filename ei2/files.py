@@ -7,7 +7,6 @@ never leaves a half-written file that looks valid.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import Ei2Error
+from .errors import OS_ERRORS, Ei2Error, first_line
 
 
 TMP_MARK = ".ei2-tmp-"  # atomic_path's temporary files: .<stem>.ei2-tmp-<pid>-<random><ext>
@@ -116,30 +115,6 @@ def os_problem(e: OSError) -> str:
     return OS_ERRORS.get(e.errno, (e.strerror or first_line(e),))[0].lower()
 
 
-OS_ERRORS = {  # errno -> (what, fix)
-    errno.ENOSPC: ("no space left on device", "free space or choose another output_dir"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or choose another output_dir"),
-    errno.EROFS: ("read-only file system", "choose an output_dir on a writable file system"),
-    errno.EACCES: ("permission denied", "choose a path you can write to, or fix its permissions"),
-    errno.EPERM: ("operation not permitted", "choose a path you can write to, or fix its permissions"),
-    errno.ENOENT: ("no such file or folder", "check the path (or create its folder)"),
-    errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path or choose another output_dir"),
-    errno.EISDIR: ("is a folder, not a file", "check the path"),
-    errno.EEXIST: ("already exists", "remove it or choose another path"),
-    errno.ENAMETOOLONG: ("file name too long", "choose a shorter output_dir or prompt"),
-    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or close other programs"),
-    errno.ENFILE: ("too many open files in the system", "close other programs and run again"),
-    errno.EIO: ("input/output error", "check the disk and run again"),
-}
-
-
-def os_error_line(e: OSError) -> str:
-    """The one-line `<what> (<path>): <fix>` for an OSError, as the CLIs print it."""
-    what, fix = OS_ERRORS.get(e.errno, ((e.strerror or first_line(e)).lower(), "check the path and the file system"))
-    where = f" ({e.filename})" if e.filename is not None else ""
-    return f"{what}{where}: {fix}"
-
-
 class RunLock:
     """`with RunLock(folder):` holds `<folder>/.ei2.lock` (host, pid, start time; created with O_CREAT|O_EXCL) for a
     run's lifetime, so two runs never write into one folder. A lock naming this host and a dead process is stale and
@@ -227,18 +202,6 @@ def write_json(obj, path: str | os.PathLike) -> None:
     text = json.dumps(obj, indent=2, allow_nan=False)
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, for one-line errors; for imageio-ffmpeg, also ffmpeg's last stderr
-    line (its verdict)."""
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    text = lines[0]
-    if "=== stderr ===" in lines and lines[-1] != "=== stderr ===":
-        text += ": " + re.sub(r"^\[[^\]]*\]\s*", "", lines[-1])
-    return text[:300]
 
 
 def slug(text: str, limit: int = 48) -> str:

@@ -16,8 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import Ei2Error
-from .files import first_line
+from .errors import Ei2Error, first_line
 from .weights import (SINGLE_FILE, TOKENIZER_FILES, check_sd_folder, compvis_text_key_map, from_compvis, load_exact,
                       read_state_dict, to_model_keys)
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import GifImagePlugin, Image, ImageDraw, ImageFont
 
-from .files import atomic_path, first_line
-from .errors import Ei2Error
+from .errors import Ei2Error, first_line
+from .files import atomic_path
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 GIF_EXTS = (".gif",)

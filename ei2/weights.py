@@ -16,8 +16,8 @@ from typing import Callable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import Ei2Error
-from .files import atomic_path, first_line, read_json
+from .errors import Ei2Error, first_line
+from .files import atomic_path, read_json
 
 SAFETENSORS = (".safetensors",)
 PICKLED = (".ckpt", ".pt", ".pth", ".bin")
