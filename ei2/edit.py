@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .config import check_value, load_config, video_options
+from .cache import ModelCache
+from .config import check_value, load_config
 from .errors import Ei2Error, cli_main
 from .files import RunLock, check_writable_dir, clean_stale_temp_files, slug, write_json
-from .pipeline import load_models, render, resolve_device, resolve_precision
-from .tuned import check_run_parts, load_tuned, read_tuned_metadata
+from .pipeline import render, resolve_device, resolve_precision
+from .tuned import check_run_parts, read_tuned_metadata
 from .video import to_uint8, write_clip
 from .weights import check_sd_folder, read_state_dict
 
@@ -32,9 +33,14 @@ PARTS = {"config.yaml": "the run's settings", "tuned.safetensors": "the tuned we
 
 def edit(run_dir, prompts: list[str], guidance: float | None = None, steps: int | None = None,
          device: str | None = None, precision: str | None = None, progress: bool = True,
-         force: bool = False) -> list[dict]:
+         force: bool = False, *, cache: ModelCache | None = None, on_event=None) -> list[dict]:
     """Render `prompts` from the run in `run_dir`; returns the new entries of edits.json. The run's parts are checked
-    to belong together first (`check_run_parts`; `force` renders anyway, with a warning)."""
+    to belong together first (`check_run_parts`; `force` renders anyway, with a warning).
+
+    cache: an `ei2.cache.ModelCache` whose base models are reused (only the tuned tensors are swapped in); None loads
+    them. on_event(dict): {"phase": "load"}, then per rendered prompt {"phase": "edit", "index" (0-based among
+    `prompts`), "of", "prompt", "video" (absolute path of the mp4), "scores": None}, and {"phase": "done",
+    "run_dir"}."""
     for key, flag, value in (("inference_steps", "--steps", steps), ("guidance", "--guidance", guidance)):
         if value is not None:  # the config's range table, before anything is read
             check_value(key, value, flag)
@@ -55,12 +61,13 @@ def edit(run_dir, prompts: list[str], guidance: float | None = None, steps: int 
     check_writable_dir(run_dir, "run folder")
     with RunLock(run_dir):  # never two writers in one run (a train or another edit)
         clean_stale_temp_files(run_dir)
-        return edit_locked(run_dir, prompts, guidance, steps, device, precision, progress, force)
+        return edit_locked(run_dir, prompts, guidance, steps, device, precision, progress, force, cache, on_event)
 
 
 def edit_locked(run_dir: Path, prompts: list[str], guidance, steps, device, precision, progress: bool,
-                force: bool = False) -> list[dict]:
+                force: bool = False, cache: ModelCache | None = None, on_event=None) -> list[dict]:
     """`edit` once the run folder is checked writable and locked."""
+    on_event = on_event or (lambda event: None)
     cfg = load_config(run_dir / "config.yaml")
     guidance = cfg.guidance if guidance is None else guidance
     steps = cfg.inference_steps if steps is None else steps
@@ -73,15 +80,14 @@ def edit_locked(run_dir: Path, prompts: list[str], guidance, steps, device, prec
         raise Ei2Error(f"{run_dir / 'inverted.safetensors'} holds no 'latent' tensor; run python -m ei2.train again")
     check_sd_folder(cfg.model)
     check_run_parts(read_tuned_metadata(tuned), tuned, cfg.model, x_T.shape, force)
-    models = load_models(cfg.model, video_options(cfg), dev, resolve_precision(precision or cfg.precision, dev))
-    load_tuned(models.unet, tuned)
-    models.unet.eval()
+    on_event({"phase": "load"})
+    models = (cache or ModelCache()).models_for_run(run_dir, str(dev), resolve_precision(precision or cfg.precision, dev))
     torch.manual_seed(cfg.seed)
 
     listing = run_dir / "edits.json"
     entries = complete_listing(run_dir, json.loads(listing.read_text()) if listing.is_file() else [])
     new = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         video = to_uint8(render(models, x_T, prompt, guidance, steps, progress=progress))
         stem = f"{next_index(run_dir, entries):02d}-{slug(prompt)}"
         files = write_clip(video, run_dir / "edits" / stem, cfg.fps)
@@ -90,6 +96,9 @@ def edit_locked(run_dir: Path, prompts: list[str], guidance, steps, device, prec
         entries.append(entry)
         new.append(entry)
         write_json(entries, listing)
+        on_event({"phase": "edit", "index": i, "of": len(prompts), "prompt": prompt,
+                  "video": str((run_dir / entry["mp4"]).resolve()), "scores": None})
+    on_event({"phase": "done", "run_dir": str(run_dir.resolve())})
     return new
 
 

@@ -27,6 +27,7 @@ from . import __version__, ddim
 from .config import DEVICES, PRECISIONS
 from .errors import Ei2Error
 from .text import TextEncoder
+from .attention import temporal_module
 from .unet import UNet, VideoOptions, mark_trainable
 from .vae import AutoencoderKL
 from .weights import check_sd_folder
@@ -79,8 +80,10 @@ class Models:
         return autocast(self.device, self.precision)
 
 
-def load_models(model: str, video: VideoOptions, device: torch.device, precision: str) -> Models:
-    """SD's text encoder and VAE (frozen) and its UNet inflated with `video` (temporal modules fresh).
+def load_models(model: str, video: VideoOptions, device: torch.device, precision: str,
+                seed: int | None = None) -> Models:
+    """SD's text encoder and VAE (frozen) and its UNet inflated with `video` (temporal modules fresh: from `seed`
+    alone with `init_temporal_` when given, else from the global random state).
 
     Under bf16/fp16 the frozen UNet weights are stored in that dtype and only the trainable tensors keep fp32 master
     copies (mark_trainable runs first): the memory of the frozen 860 M parameters halves, results do not change
@@ -93,7 +96,35 @@ def load_models(model: str, video: VideoOptions, device: torch.device, precision
     text = TextEncoder.from_pretrained(model, device=device, tokenizer=tokenizer)
     vae = AutoencoderKL.from_pretrained(model)  # fp32: prepare_models casts only the decoder to vae_dtype
     unet = UNet.from_pretrained(model, **dataclasses.asdict(video))
-    return prepare_models(unet, vae, text, device, precision)
+    models = prepare_models(unet, vae, text, device, precision)
+    if seed is not None:
+        init_temporal_(models.unet, seed)
+    return models
+
+
+@torch.no_grad()
+def init_temporal_(unet: UNet, seed: int) -> UNet:
+    """Give every temporal module (STAM / TA: norm_temp, attn_temp, spectral-norm u, v included) the initial weights
+    that `seed` alone determines: the modules are built again, in the UNet's block order, from a CPU random state
+    seeded with `seed` (forked: the caller's random state is untouched) and copied in, cast to the dtype and device
+    each tensor has. So a job's starting point does not depend on what ran before in the process (another job, another
+    model loaded first) or on which GPU runs it; a fresh load and a reused model (ei2.cache) start from the same
+    weights, bit for bit."""
+    video = unet.video
+    if video.temporal == "none":
+        return unet
+    blocks = [m for m in unet.modules() if getattr(m, "attn_temp", None) is not None]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for block in blocks:
+            dim = block.attn_temp.to_q.in_features
+            fresh = temporal_module(video.temporal, dim, block.attn_temp.heads, video.temporal_norm,
+                                    video.spectral_norm)
+            for own, new in zip((block.norm_temp, block.attn_temp), fresh):
+                state = new.state_dict()
+                for key, tensor in own.state_dict().items():
+                    tensor.copy_(state[key].to(tensor.dtype))
+    return unet
 
 
 def vae_dtype(precision: str) -> torch.dtype:
@@ -168,6 +199,14 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
+class Stopped(Exception):
+    """`tune_steps` stopped on request (`should_stop`) after `step` steps, its losses handed to `on_sync` first."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+
+
 class NonFiniteGradients(NonFiniteLoss):
     """MAX_SKIPS steps in a row, first..step (1-based), had a non-finite gradient norm; each was skipped."""
 
@@ -205,7 +244,7 @@ def skip_streak(skipped: list[int], step: int) -> int:
 
 def tune_steps(models: Models, posterior, context: torch.Tensor, optimizer, generator: torch.Generator,
                start: int, steps: int, grad_clip: float, scaler=None, sync_every: int = 10, on_sync=None,
-               progress: bool = True, skipped: list[int] | None = None):
+               progress: bool = True, skipped: list[int] | None = None, should_stop=None):
     """Steps start..steps-1 of one-shot tuning (Eq. 2): x_0 = a fresh posterior sample of the clip (scaled), t uniform
     in [0, 1000), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, loss = ||eps - eps_theta(x_t, t, caption)||^2.
 
@@ -217,7 +256,10 @@ def tune_steps(models: Models, posterior, context: torch.Tensor, optimizer, gene
     weights (fp16's GradScaler skips such a step itself; it is counted the same way). A skipped step still counts:
     its noise and timestep are drawn, the step total and the checkpoints' step advance. The skips are read with the
     losses and appended, 1-based, to `skipped` (the caller's list: pass a resumed run's to continue its count);
-    MAX_SKIPS in a row raise NonFiniteGradients at that read, before `on_sync`."""
+    MAX_SKIPS in a row raise NonFiniteGradients at that read, before `on_sync`.
+
+    `should_stop()` (optional) is asked after every step: when true, the window is read and handed to `on_sync` at
+    once and `Stopped(step)` is raised (the caller writes its resumable state)."""
     unet, device = models.unet, models.device
     params = [p for p in unet.parameters() if p.requires_grad]
     scale = models.vae.config.scaling_factor
@@ -248,7 +290,8 @@ def tune_steps(models: Models, posterior, context: torch.Tensor, optimizer, gene
         else:
             step_unless_skipped(optimizer, ok)
         pending.append(torch.stack([loss.detach().float(), (~ok).float()]))
-        if len(pending) == sync_every or step == steps - 1:
+        stop = should_stop is not None and step < steps - 1 and should_stop()
+        if len(pending) == sync_every or step == steps - 1 or stop:
             window = torch.stack(pending).tolist()  # the one host synchronization per window
             pending.clear()
             first = step - len(window) + 2  # 1-based, as the progress bar counts
@@ -265,6 +308,9 @@ def tune_steps(models: Models, posterior, context: torch.Tensor, optimizer, gene
             bar.set_postfix(loss=f"{sum(values) / len(values):.4f}", **({"skipped": len(skipped)} if skipped else {}))
             if on_sync is not None:
                 on_sync(step + 1, values)
+            if stop:
+                unet.eval()
+                raise Stopped(step + 1)
     unet.eval()
 
 

@@ -23,14 +23,15 @@ from pathlib import Path
 
 import torch
 
-from .config import add_help, load_config, save_config, video_options
+from .cache import load as load_fresh
+from .config import add_help, load_config, save_config
 from .errors import Ei2Error, cli_main
 from .files import RunLock, check_writable_dir, clean_stale_temp_files, slug, write_json
 from .mini import world
 from .mini.parse import SCORES, clip_metrics, structure_fidelity, temporal_consistency
-from .pipeline import (MAX_SKIPS, NonFiniteGradients, NonFiniteLoss, Phase, all_finite, encode_video,
-                       invert, load_models, make_optimizer, render, resolve_device, resolve_precision, to_video,
-                       tune_steps, versions)
+from .pipeline import (MAX_SKIPS, NonFiniteGradients, NonFiniteLoss, Phase, Stopped, all_finite, encode_video,
+                       invert, make_optimizer, render, resolve_device, resolve_precision, to_video, tune_steps,
+                       versions)
 from .tuned import (base_fingerprint, load_training_state, read_tuned_metadata, save_training_state, save_tuned,
                     trainable_parameters)
 from .video import frame_grid, read_frames, side_by_side, to_uint8, write_clip, write_image, write_video
@@ -43,9 +44,19 @@ RESUMABLE = {"steps", "checkpoint_every", "compile", "recompute_activations", "g
              "guidance", "inference_steps", "fps", "device", "output_dir"}
 
 
-def run(cfg, resume: bool = False, progress: bool = True) -> Path:
+class Cancelled(Ei2Error):
+    """A run stopped on request (`run`'s `stop`) during tuning, its resumable state written."""
+
+
+def run(cfg, resume: bool = False, progress: bool = True, *, cache=None, on_event=None, stop=None) -> Path:
     """The whole job for a resolved TrainConfig (Fig. 2 a-b): read the clip, encode it, tune (Eq. 2), invert, render
     every edit, write the run; returns the run directory.
+
+    cache: an `ei2.cache.ModelCache` to take the models from (reused between jobs, reset to a fresh load's state);
+    None loads them. on_event(dict): told each phase, {"phase": "load"|"encode"|"tune"|"invert"|"edit"|"write"|"done",
+    ...}: per read loss window {"phase": "tune", "step", "steps", "loss"}, per edit {"phase": "edit", "index", "of",
+    "prompt", "video" (absolute path), "scores"}, at the end {"phase": "done", "run_dir"}. stop: a threading.Event;
+    set during tuning, the step in progress finishes, the resumable state is written and `Cancelled` is raised.
 
     log.json: timings (load_s, tuning_s: encoding and tuning, inversion_s, edit_s: one per edit) and
     peak_memory_gib, the absolute peaks (`Phase.peak_gib`) of training (tuning + inversion) and inference (edits)."""
@@ -53,11 +64,14 @@ def run(cfg, resume: bool = False, progress: bool = True) -> Path:
     device, precision = check_job(cfg, out, resume)
     with RunLock(out):  # one run per folder at a time, for the whole run (also under --resume)
         clean_stale_temp_files(out)
-        return run_locked(cfg, out, resume, progress, device, precision)
+        return run_locked(cfg, out, resume, progress, device, precision, cache, on_event or (lambda event: None),
+                          stop)
 
 
-def run_locked(cfg, out: Path, resume: bool, progress: bool, device, precision) -> Path:
+def run_locked(cfg, out: Path, resume: bool, progress: bool, device, precision, cache=None, on_event=None,
+               stop=None) -> Path:
     """`run` once the output folder is checked writable and locked."""
+    on_event = on_event or (lambda event: None)
     frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size, cfg.resize)
     if not resume:
         clear_run(out)
@@ -68,17 +82,20 @@ def run_locked(cfg, out: Path, resume: bool, progress: bool, device, precision) 
     timings = log["timings"]
 
     torch.manual_seed(cfg.seed)
-    with Phase(device, memory=False) as loading:
-        models = load(cfg, device, precision)
+    on_event({"phase": "load"})
+    with Phase(device, memory=False) as loading:  # the temporal modules' initial weights: from cfg.seed alone
+        models = cache.models(cfg, device, precision) if cache is not None else load_fresh(cfg, device, precision)
     timings["load_s"] = loading.seconds
 
     with Phase(device) as training:
         with Phase(device, memory=False) as tuning:
+            on_event({"phase": "encode"})
             posterior = encode_video(models, frames)
-            log["loss"], log["skipped_steps"] = tune(cfg, models, posterior, out, resume, progress)
+            log["loss"], log["skipped_steps"] = tune(cfg, models, posterior, out, resume, progress, on_event, stop)
         timings["tuning_s"] = tuning.seconds
         save_tuned(models.unet, out / "tuned.safetensors", cfg.model, {"steps": cfg.steps, "caption": cfg.caption,
                    "base_fingerprint": base_fingerprint(cfg.model), "inverted_shape": list(to_video(posterior.mean).shape)})
+        on_event({"phase": "invert"})
         with Phase(device, memory=False) as inversion:
             x_T = invert(models, posterior, cfg.inversion_steps, progress=progress)
         timings["inversion_s"] = inversion.seconds
@@ -89,9 +106,11 @@ def run_locked(cfg, out: Path, resume: bool, progress: bool, device, precision) 
     with Phase(device) as inference:
         source = to_uint8(frames)
         write_clip(source, out / "source", cfg.fps)
-        edits, videos = render_edits(cfg, models, x_T, source, out, timings, progress)
+        edits, videos = render_edits(cfg, models, x_T, source, out, timings, progress, on_event)
     log["peak_memory_gib"]["inference"] = inference.peak_gib
+    on_event({"phase": "write"})
     write_outputs(cfg, out, source, edits, videos, log)
+    on_event({"phase": "done", "run_dir": str(out.resolve())})
     return out
 
 
@@ -107,19 +126,12 @@ def check_job(cfg, out: Path, resume: bool) -> tuple[torch.device, str]:
     return device, precision
 
 
-def load(cfg, device: torch.device, precision: str):
-    """SD inflated with the config's modules, set up for the job's memory options."""
-    models = load_models(cfg.model, video_options(cfg), device, precision)
-    models.unet.gradient_checkpointing = cfg.gradient_checkpointing
-    models.unet.recompute_activations = cfg.recompute_activations
-    if cfg.compile:
-        models.unet.compile()  # in place: parameter names, checkpoints and hooks stay those of the plain module
-    return models
-
-
-def tune(cfg, models, posterior, out: Path, resume: bool, progress: bool) -> tuple[list[float], list[int]]:
+def tune(cfg, models, posterior, out: Path, resume: bool, progress: bool, on_event=None,
+         stop=None) -> tuple[list[float], list[int]]:
     """One-shot tuning (Eq. 2) on the clip and its caption, checkpointed every checkpoint_every steps (continued
-    from the checkpoint under --resume); returns (loss per step, steps skipped for a non-finite gradient)."""
+    from the checkpoint under --resume); returns (loss per step, steps skipped for a non-finite gradient). With
+    `stop` (a threading.Event) set, the state after the current step is written and `Cancelled` raised."""
+    on_event = on_event or (lambda event: None)
     ckpt = out / "checkpoints" / "last.safetensors"
     caption = models.text.encode([cfg.caption])
     names, params = trainable_parameters(models.unet)
@@ -142,17 +154,28 @@ def tune(cfg, models, posterior, out: Path, resume: bool, progress: bool) -> tup
             raise Ei2Error(f"the tuned weights are NaN/inf at step {step} and were not saved; stopped, {kept()}; "
                            "lower learning_rate or use precision fp32, then run again")
 
-    def on_sync(step: int, values: list[float]) -> None:
-        losses.extend(values)
-        if every and (step % every == 0 or step == cfg.steps):
-            check_finite(step)
-            save_training_state(ckpt, models.unet, optimizer, names, step, generator, losses, cfg.model,
-                                extra={"skipped_steps": skipped})
+    def save(step: int) -> None:
+        check_finite(step)
+        save_training_state(ckpt, models.unet, optimizer, names, step, generator, losses, cfg.model,
+                            extra={"skipped_steps": skipped})
 
+    def on_sync(step: int, values: list[float]) -> None:
+        first = step - len(values) + 1
+        losses.extend(values)
+        for i, v in enumerate(values):
+            on_event({"phase": "tune", "step": first + i, "steps": cfg.steps, "loss": v})
+        if every and (step % every == 0 or step == cfg.steps):
+            save(step)
+
+    on_event({"phase": "tune", "step": start, "steps": cfg.steps, "loss": None})
     try:
         tune_steps(models, posterior, caption, optimizer, generator, start, cfg.steps, cfg.grad_clip, scaler,
                    sync_every=math.gcd(10, every) if every else 10, on_sync=on_sync, progress=progress,
-                   skipped=skipped)
+                   skipped=skipped, should_stop=None if stop is None else stop.is_set)
+    except Stopped as e:
+        save(e.step)
+        raise Cancelled(f"stopped at step {e.step} of {cfg.steps}, the training state saved in {ckpt}; continue with "
+                        f"python -m ei2.train --config {out / 'config.yaml'} --resume") from None
     except NonFiniteGradients as e:
         raise Ei2Error(f"the gradients were NaN/inf at steps {e.first}-{e.step} ({MAX_SKIPS} in a row, each skipped); "
                        f"stopped, {kept()}; lower learning_rate or use precision fp32 and start the run again "
@@ -164,7 +187,8 @@ def tune(cfg, models, posterior, out: Path, resume: bool, progress: bool) -> tup
     return losses, skipped
 
 
-def render_edits(cfg, models, x_T, source, out: Path, timings: dict, progress: bool) -> tuple[list[dict], list]:
+def render_edits(cfg, models, x_T, source, out: Path, timings: dict, progress: bool,
+                 on_event=None) -> tuple[list[dict], list]:
     """Each edit prompt rendered from x_T with guided DDIM (Eq. 1) and written to edits/; returns (edits.json's
     entries, the uint8 videos). Appends each render's seconds to timings["edit_s"]."""
     edits, videos, said = [], [], set()
@@ -184,6 +208,9 @@ def render_edits(cfg, models, x_T, source, out: Path, timings: dict, progress: b
                     said.add(skipped)
                     print(f"note: score mini: {skipped}", file=sys.stderr)
         videos.append(video)
+        if on_event is not None:
+            on_event({"phase": "edit", "index": i, "of": len(cfg.edit_prompts), "prompt": prompt,
+                      "video": str((out / edits[-1]["mp4"]).resolve()), "scores": edits[-1].get("mini_metrics")})
     return edits, videos
 
 
