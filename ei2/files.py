@@ -17,6 +17,11 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock (RunLock's takeover is then not serialized)
+    fcntl = None
+
 from .errors import OS_ERRORS, Ei2Error, first_line
 
 
@@ -116,9 +121,14 @@ def os_problem(e: OSError) -> str:
 
 
 class RunLock:
-    """`with RunLock(folder):` holds `<folder>/.ei2.lock` (host, pid, start time; created with O_CREAT|O_EXCL) for a
-    run's lifetime, so two runs never write into one folder. A lock naming this host and a dead process is stale and
-    taken over with a notice; a lock from another host is never broken (the message says how to remove it)."""
+    """`with RunLock(folder):` holds `<folder>/.ei2.lock` (host, pid, start time) for a run's lifetime, so two runs
+    never write into one folder. A lock naming this host and a dead process is stale and taken over with a notice; a
+    lock from another host is never broken (the message says how to remove it).
+
+    The lock file is created with O_CREAT|O_EXCL and, for as long as it is held, also flock()ed by its holder (the
+    kernel releases that when the process dies). A takeover happens only under that flock, on the file still at the
+    lock's path, and replaces the stale file by one already holding the new owner's record and flock (a rename): of
+    two processes taking over one stale lock, exactly one wins, the other then finds a live owner and is refused."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -127,55 +137,80 @@ class RunLock:
                      "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                      "token": f"{os.getpid()}-{time.time_ns()}-{id(self)}"}
         self.held = False
+        self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
         self.folder.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        deadline = time.monotonic() + 5.0  # for a lock being created or taken over right now
+        while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666 & ~umask())
             except FileExistsError:
-                self._refuse_or_take_over()
+                if self._refuse_or_take_over(time.monotonic() > deadline):
+                    break
+                time.sleep(0.05)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self.info))
-                f.flush()
-                os.fsync(f.fileno())
-            self.held = True
-            return self
-        raise Ei2Error(f"could not take the lock {self.path} (other runs keep taking it); wait and run again")
+            try:  # a process that looks at the file meanwhile sees it empty and waits
+                _flock(fd, block=True)
+                _write_all(fd, json.dumps(self.info).encode())
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                raise
+            self._fd = fd
+            break
+        self.held = True
+        return self
 
-    def _read(self) -> dict | None:
-        for _ in range(20):  # a lock being written right now is empty for a moment
-            try:
-                info = json.loads(self.path.read_text())
-                if isinstance(info, dict) and "pid" in info:
-                    return info
-            except FileNotFoundError:
-                return {}
-            except (ValueError, UnicodeDecodeError):
-                pass
-            time.sleep(0.05)
-        return None
+    def _refuse_or_take_over(self, give_up: bool) -> bool:
+        """The lock exists: True when this process took it over (stale), False to look again (it is being created,
+        taken over or removed right now); raises Ei2Error when a live run holds it (or it stays unreadable)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False  # removed meanwhile
+        try:
+            free = _flock(fd, block=False)
+            if free and os.fstat(fd).st_ino != _inode(self.path):
+                return False  # taken over meanwhile: look at the new file
+            info = _read_lock(fd)
+            remove = f"if you are sure no run uses it, remove it (rm {self.path}) and run again"
+            if info == {} and not give_up:
+                return False  # empty: being written right now (or its writer died before writing: give up later)
+            if not info:
+                raise Ei2Error(f"{self.folder} has an unreadable lock {self.path}; {remove}")
+            pid, host, started = info.get("pid"), info.get("host"), info.get("started", "at an unknown time")
+            stale = host == self.info["host"] and isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid)
+            if stale and not free and not give_up:
+                return False  # another process is taking it over right now
+            if stale and free:
+                print(f"note: taking over the lock of process {pid} on {host} (started {started}), which is no "
+                      f"longer running: {self.path}", file=sys.stderr)
+                self._replace()
+                return True
+            message = (f"{self.folder} is in use by process {pid} on {host} (started {started}); wait for it or "
+                       "choose another output_dir")
+            if host != self.info["host"]:
+                message += f" (the lock is from another host and is never removed automatically: {remove})"
+            raise Ei2Error(message)
+        finally:
+            os.close(fd)  # releases the flock on the stale file (after the rename below)
 
-    def _refuse_or_take_over(self) -> None:
-        info = self._read()
-        if info == {}:
-            return  # removed meanwhile: try again
-        remove = f"if you are sure no run uses it, remove it (rm {self.path}) and run again"
-        if info is None:
-            raise Ei2Error(f"{self.folder} has an unreadable lock {self.path}; {remove}")
-        pid, host, started = info.get("pid"), info.get("host"), info.get("started", "at an unknown time")
-        if host == self.info["host"] and isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid):
-            print(f"note: taking over the lock of process {pid} on {host} (started {started}), which is no longer "
-                  f"running: {self.path}", file=sys.stderr)
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            return
-        message = (f"{self.folder} is in use by process {pid} on {host} (started {started}); wait for it or choose "
-                   "another output_dir")
-        if host != self.info["host"]:
-            message += f" (the lock is from another host and is never removed automatically: {remove})"
-        raise Ei2Error(message)
+    def _replace(self) -> None:
+        """Put a lock file holding this process's record and flock in place of the stale one, by one rename."""
+        fd, tmp = tempfile.mkstemp(prefix=f".ei2-lock{TMP_MARK}{os.getpid()}-", dir=self.folder)
+        try:
+            _flock(fd, block=True)
+            _write_all(fd, json.dumps(self.info).encode())
+            os.chmod(tmp, 0o666 & ~umask())
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._fd = fd
 
     def __exit__(self, *exc) -> None:
         if not self.held:
@@ -184,6 +219,49 @@ class RunLock:
         with contextlib.suppress(OSError, ValueError):
             if json.loads(self.path.read_text()).get("token") == self.info["token"]:
                 self.path.unlink()
+        if self._fd is not None:
+            os.close(self._fd)  # after the unlink: a process waiting on this file then sees that it is gone
+            self._fd = None
+
+
+def _flock(fd: int, block: bool) -> bool:
+    """An exclusive flock on `fd`; False when another process holds one (only when not blocking). Without fcntl
+    (Windows) there is no flock and this always says yes."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
+def _read_lock(fd: int) -> dict | None:
+    """The record in a lock file (read through `fd`); {} when it is empty, None when it is not a record."""
+    chunks = []
+    while chunk := os.pread(fd, 65536, sum(map(len, chunks))):
+        chunks.append(chunk)
+    if not chunks:
+        return {}
+    try:
+        info = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return info if isinstance(info, dict) and "pid" in info else None
 
 
 def read_json(path: str | os.PathLike) -> dict:

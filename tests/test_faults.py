@@ -324,3 +324,41 @@ def test_train_and_edit_refuse_a_folder_in_use(tmp_path, monkeypatch, capsys):
         assert f"{tmp_path} is in use by process {os.getpid()}" in line
         line = one_line_error(capsys, ei2.edit.main, ["--run", str(tmp_path), "--prompt", "x"])
         assert f"{tmp_path} is in use by process {os.getpid()}" in line
+
+
+def _race_for_the_lock(folder: str, start, hold, results) -> None:
+    """One process of the race (forked): look slowly at the lock's owner, so every racer reads the stale lock
+    before any replaces it; a winner holds the lock until the parent has heard from everyone."""
+    import ei2.files
+    alive = ei2.files._pid_alive
+    ei2.files._pid_alive = lambda pid: time.sleep(0.3) or alive(pid)
+    start.wait()
+    try:
+        with RunLock(folder):
+            results.put(("won", os.getpid()))
+            hold.wait(30)
+    except Ei2Error as e:
+        results.put(("refused", str(e)))
+
+
+def test_processes_racing_to_take_over_one_stale_lock_exactly_one_wins(tmp_path):
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    write_lock(tmp_path, socket.gethostname(), dead_pid())
+    start, hold, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    racers = [ctx.Process(target=_race_for_the_lock, args=(str(tmp_path), start, hold, results)) for _ in range(6)]
+    for p in racers:
+        p.start()
+    start.set()
+    try:
+        outcomes = [results.get(timeout=60) for _ in racers]
+        winners = [pid for kind, pid in outcomes if kind == "won"]
+        assert len(winners) == 1, outcomes
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == winners[0]  # the winner's own record
+        for kind, message in outcomes:
+            assert kind == "won" or f"in use by process {winners[0]} on " in message, outcomes
+    finally:
+        hold.set()
+        for p in racers:
+            p.join(30)
+    assert not (tmp_path / LOCK_NAME).exists() and temp_files(tmp_path) == []
