@@ -305,24 +305,26 @@ RANGES = {
     "inference_steps": (1, 1000, False), "inversion_steps": (1, 1000, False), "ratio": (1, None, False),
     "checkpoint_every": (0, None, False), "fps": (0, 1000, True),
 }
+# Numbers of a CLI that are not config keys, in the same table's terms: name -> (type, low, high, low excluded)
+CLI_RANGES = {"max_frames": (int, 2, None, False)}  # ei2.evaluate --max-frames
 HINTS = {"steps": " (0 skips tuning)", "guidance": " (1 turns classifier-free guidance off)",
-         "checkpoint_every": " (0: only at the end)"}
+         "checkpoint_every": " (0: only at the end)", "max_frames": " (frame consistency compares pairs of frames)"}
 _NUMERIC = {name for name in FIELDS if _field_type(name)[0] in (int, float)}
 assert set(RANGES) == _NUMERIC, f"RANGES must cover exactly the numeric keys: {set(RANGES) ^ _NUMERIC}"
 
 
 def check_value(name: str, value, flag: str | None = None):
-    """`value` of the numeric key `name` (a TrainConfig field), checked for type, finiteness and RANGES; returns it.
-    Ei2Error names `flag` (e.g. "--lr") instead of the key when given."""
+    """`value` of the numeric key `name` (a TrainConfig field, or a CLI_RANGES name), checked for type, finiteness and
+    its range; returns it. Ei2Error names `flag` (e.g. "--lr") instead of the key when given."""
     shown = flag or name
-    tp = _field_type(name)[0]
+    tp = _field_type(name)[0] if name in RANGES else CLI_RANGES[name][0]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Ei2Error(f"{shown} must be {COERCE[tp][1]}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise Ei2Error(f"{shown}={value} must be a finite number, not inf or nan")
     if tp is int and isinstance(value, float) and not value.is_integer():
         raise Ei2Error(f"{shown}={value} must be an integer")
-    low, high, excluded = RANGES[name]
+    low, high, excluded = RANGES[name] if name in RANGES else CLI_RANGES[name][1:]
     too_low = low is not None and (value <= low if excluded else value < low)
     if too_low or (high is not None and value > high):
         if high is None:
@@ -333,6 +335,21 @@ def check_value(name: str, value, flag: str | None = None):
             rule = f"{'>' if excluded else '>='} {low} and <= {high}"
         raise Ei2Error(f"{shown}={value} must be {rule}{HINTS.get(name, '')}")
     return value
+
+
+def cli_number(name: str, text: str, flag: str):
+    """A number typed on the command line for `name` (a CLI_RANGES name or a numeric config key), read as the config
+    reads it (YAML: 12, 1e3, .inf, nan) and checked by `check_value`; a one-line Ei2Error naming `flag` otherwise."""
+    tp = CLI_RANGES[name][0] if name in CLI_RANGES else _field_type(name)[0]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    try:
+        value = COERCE[tp][0](value)
+    except (ValueError, TypeError, OverflowError):
+        raise Ei2Error(f"{flag} must be {COERCE[tp][1]}, got {text!r}") from None
+    return check_value(name, value, flag)
 
 
 def validate(cfg: TrainConfig) -> None:

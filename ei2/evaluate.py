@@ -26,6 +26,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from .config import check_value, cli_number
 from .files import atomic_path, check_writable_dir
 from .errors import Ei2Error, cli_main, first_line
 from .pipeline import resolve_device
@@ -112,8 +113,12 @@ class ClipScorer:
             raise Ei2Error(f"frame consistency needs at least 2 frames, the video has {len(frames)}")
         image = self.image_embeddings(frames)
         text = self.text_embedding(prompt)
-        return {"frames": len(frames), "frame_consistency": frame_consistency(image),
-                "textual_alignment": textual_alignment(image, text)}
+        scores = {"frame_consistency": frame_consistency(image), "textual_alignment": textual_alignment(image, text)}
+        if not all(math.isfinite(v) for v in scores.values()):  # never NaN in metrics.json (not valid JSON)
+            shown = ", ".join(f"{k}={v}" for k, v in scores.items())
+            raise Ei2Error(f"CLIP in {self.folder} gives non-finite scores ({shown}); its weights hold NaN/inf or are "
+                           "not CLIP's: re-download them")
+        return {"frames": len(frames), **scores}
 
 
 # --- A run ---------------------------------------------------------------------------------------------------------
@@ -166,6 +171,8 @@ def evaluate_run(run_dir: str | Path, scorer: ClipScorer, max_frames: int | None
                  progress: bool = True) -> dict:
     """Score the run's source clip (with its caption) and every edit (with its prompt); write run/metrics.json."""
     run = Path(run_dir)
+    if max_frames is not None:
+        check_value("max_frames", max_frames, "--max-frames")
     if not (run / "config.yaml").is_file():
         raise Ei2Error(f"{run / 'config.yaml'} not found: {run} is not a run directory of `python -m ei2.train`")
     try:
@@ -200,9 +207,19 @@ def evaluate_run(run_dir: str | Path, scorer: ClipScorer, max_frames: int | None
         "mean_edits": mean,
         "resources": resources(log),
     }
-    with atomic_path(run / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    with atomic_path(run / "metrics.json") as tmp:  # a NaN/inf of an old log.json is null: JSON has no NaN
+        tmp.write_text(json.dumps(_finite(metrics), indent=2, ensure_ascii=False, allow_nan=False))
     return metrics
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 # --- Table ---------------------------------------------------------------------------------------------------------
@@ -267,7 +284,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="the text the --video should match")
     p.add_argument("--json", help="with --video: also write the scores to this JSON file")
     p.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP ViT-L/14 folder (default {DEFAULT_CLIP})")
-    p.add_argument("--max-frames", type=int, default=None, help="score only the first N frames (default: all)")
+    p.add_argument("--max-frames", default=None, metavar="N",
+                   help="score only the first N frames, N >= 2 (default: all)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -280,15 +298,16 @@ def main(argv: list[str] | None = None) -> None:
         raise Ei2Error("give either --run <run dir> or --video <file> with --prompt \"...\"")
     if args.video and args.prompt is None:
         raise Ei2Error("--video needs --prompt \"...\" (the text the video should match)")
-    if args.max_frames is not None and args.max_frames < 2:
-        raise Ei2Error("--max-frames must be at least 2 (frame consistency compares pairs of frames)")
+    if args.max_frames is not None:  # the config's reading and range table (config.CLI_RANGES), one line
+        args.max_frames = cli_number("max_frames", args.max_frames, "--max-frames")
+    device = resolve_device(args.device)  # a device this machine has, before anything is read
     if args.run and not Path(args.run).is_dir():
         raise Ei2Error(f"run directory not found: {args.run}")
     if args.video:
         read_all_frames(args.video, 1)  # a missing or broken video fails before CLIP loads
     if args.run or args.json:  # where metrics.json / --json go, before CLIP loads
         check_writable_dir(args.run or Path(args.json).parent, "run folder" if args.run else "--json folder")
-    scorer = ClipScorer(args.clip, resolve_device(args.device))
+    scorer = ClipScorer(args.clip, device)
     if args.run:
         metrics = evaluate_run(args.run, scorer, args.max_frames, progress=not args.no_progress)
         print(run_table(metrics))
