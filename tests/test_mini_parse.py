@@ -198,3 +198,39 @@ def test_clip_metrics_on_an_ideal_edit():
     assert list(flat) == list(parse.SCORES) and flat["edited_attribute_match"] == flat["all_attributes_match"] == 1.0
     assert flat["mask_iou_vs_source"] == m["fidelity"]["iou"] and flat["background_change"] == 0.0
     assert flat["trajectory_error_px"] == m["fidelity"]["trajectory_error"] and flat["attribute_stability"] == 1.0
+
+
+def test_unit_area_known_answers():
+    assert parse.unit_area("circle") == pytest.approx(np.pi)
+    assert parse.unit_area("square") == pytest.approx(2.0)  # the inscribed square's side is sqrt(2)
+    assert parse.unit_area("triangle") == pytest.approx(3 * np.sqrt(3) / 4)
+    assert parse.unit_area("star") == pytest.approx(5 * world.STAR_INNER * np.sin(np.pi / 5))
+
+
+@pytest.mark.parametrize("shape, motion, seed", [("circle", "right", 0), ("square", "orbiting", 1),
+                                                 ("star", "growing", 2), ("triangle", "bouncing", 3)])
+def test_ideal_edit_matches_the_worlds_edit(shape, motion, seed):
+    """ideal_edit reads the path off the frames: it agrees with world.edit_clip, which knows it."""
+    clip = world.make_clip(shape, "green", "white", motion, seed=seed)
+    for change in (dict(shape="square"), dict(shape="triangle", color="blue"), dict(color="red", background="black")):
+        ideal = world.edit_clip(clip, **change)
+        got = parse.ideal_edit(clip.render(), clip.caption, ideal.caption)
+        f = parse.structure_fidelity(got, ideal.render())
+        assert f["iou"] > 0.9 and f["trajectory_error"] < 0.7, (change, f["iou"], f["trajectory_error"])
+        assert parse.textual_alignment(got, ideal.caption)["all"] == 1.0
+
+
+def test_ideal_edit_of_the_demo_clip():
+    src = world.demo_frames()
+    cap = "a red circle moving right on a white background"
+    same = parse.ideal_edit(src, cap, cap)
+    assert parse.structure_fidelity(same, src)["iou"] > 0.99  # a reconstruction's ideal is the source
+    square = parse.ideal_edit(src, cap, "a blue square moving right on a white background")
+    p, s = parse.parse_frame(square[3]), parse.parse_frame(src[3])
+    assert (p["color"], p["shape"]) == ("blue", "square")
+    assert np.hypot(p["centroid"][0] - s["centroid"][0], p["centroid"][1] - s["centroid"][1]) < 0.5
+    assert p["area"] == pytest.approx(s["area"] * 2 / np.pi, rel=0.08)  # same circumradius: area 2 r^2 vs pi r^2
+    scores = parse.edit_scores(square, "a blue square moving right on a white background", src, cap)
+    assert scores["mask_iou_vs_ideal"] == 1.0 and scores["trajectory_error_vs_ideal_px"] == 0.0
+    assert scores["mask_iou_vs_source"] < 0.8  # against the source a perfect shape edit is bounded below 1
+    assert list(scores)[:len(parse.SCORES)] == list(parse.SCORES)

@@ -376,3 +376,45 @@ SCORES = {
 def flat_scores(metrics: dict) -> dict[str, float]:
     """`clip_metrics(frames, prompt, source_frames, source_prompt)`'s nested result as the flat numbers of SCORES."""
     return {name: metrics[section][key] for name, (section, key) in SCORES.items()}
+
+
+# --- The ideal edit of a parsed clip ---------------------------------------------------------------------------------
+
+
+def unit_area(shape: str) -> float:
+    """Area of `shape` with circumradius 1 (pi for a circle, 2 for a square, 3 sqrt(3) / 4 for a triangle, 5 r_in
+    sin(36 deg) for the star), so a parsed area gives the circumradius sqrt(area / unit_area)."""
+    if shape == "circle":
+        return float(np.pi)
+    poly = world.polygon(shape, (0.0, 0.0), 1.0)
+    x, y = poly[:, 0], poly[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+
+
+def ideal_edit(source_frames, source_caption: str, prompt: str) -> np.ndarray:
+    """uint8 frames: the ideal result of editing a one-object clip of the miniature world from `source_caption` to
+    `prompt`, read off the source frames themselves: each frame's main object (parsed) redrawn hard-edged
+    (world.draw_scene) at its centroid with the circumradius its area gives for the source caption's shape, in the
+    prompt's shape and color, on the prompt's background. For clips made by world.make_clip this is
+    world.edit_clip(...).render() up to the anti-aliasing of the edges (IoU >= 0.95, tested); it also covers clips
+    that are not world.Clip objects, such as the demo's (world.demo_frames)."""
+    src, want = world.parse_caption(source_caption), world.parse_caption(prompt)
+    out = []
+    for frame in _frames(source_frames):
+        p = parse_frame(frame)
+        h, w = frame.shape[:2]
+        if p["centroid"] is None:  # nothing to move: the ideal frame is the background alone
+            out.append(world.draw_scene("circle", want["color"], want["background"], (0.0, 0.0), 0.0, h))
+            continue
+        radius = float(np.sqrt(p["area"] / unit_area(src["shape"])))
+        out.append(world.draw_scene(want["shape"], want["color"], want["background"], p["centroid"], radius, h))
+    return np.stack(out)
+
+
+def edit_scores(video, prompt: str, source, source_caption: str) -> dict[str, float]:
+    """The flat SCORES of one edit (ei2.train's edits.json, score: mini) plus its fidelity to the IDEAL edit
+    (`ideal_edit`): mask_iou_vs_ideal and trajectory_error_vs_ideal_px. Against the source, a shape edit's IoU is
+    bounded well below 1 (a square is not a circle); against the ideal, a perfect edit scores IoU 1 and 0 px."""
+    m = clip_metrics(video, prompt, source_frames=source, source_prompt=source_caption)
+    ideal = structure_fidelity(video, ideal_edit(source, source_caption, prompt))
+    return flat_scores(m) | {"mask_iou_vs_ideal": ideal["iou"], "trajectory_error_vs_ideal_px": ideal["trajectory_error"]}
