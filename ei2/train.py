@@ -310,6 +310,11 @@ def summary(out: Path, cfg) -> str:
     return "\n".join(lines)
 
 
+def out_of_memory(cfg) -> str:
+    return (f"out of GPU memory with {cfg.n_frames} frames at {cfg.size}px; set gradient_checkpointing: true "
+            "(--resume then continues from the last checkpoint), use fewer n_frames or a smaller size")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ei2.train", add_help=False,
@@ -332,9 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = run(cfg, resume=args.resume, progress=not args.no_progress)
     except torch.OutOfMemoryError:
-        raise Ei2Error(f"out of GPU memory with {cfg.n_frames} frames at {cfg.size}px; set gradient_checkpointing: "
-                       "true (--resume then continues from the last checkpoint), use fewer n_frames or a smaller size"
-                       ) from None
+        raise Ei2Error(out_of_memory(cfg)) from None
     print(summary(out, cfg))
 
 
