@@ -9,6 +9,7 @@ the unconditional context.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +23,36 @@ from .weights import (SINGLE_FILE, TOKENIZER_FILES, check_sd_folder, compvis_tex
 
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# CLIP's BPE has 49408 tokens and spells any word from pieces it learned; a tokenizer this much smaller is a word list
+# (the miniature model's: 512 byte symbols + one token per word), where an unknown word falls apart into letters
+SMALL_VOCABULARY = 5000
+
+
+def known_words(tokenizer) -> list[str]:
+    """The whole words (2+ letters) of a word-list tokenizer, in vocabulary order: its tokens `<word></w>`. (In the
+    miniature tokenizer every merge extends a word from its front, so only a complete word ends in `</w>`.)"""
+    vocab = tokenizer.get_vocab()
+    return [t[:-4] for t in sorted(vocab, key=vocab.get) if t.endswith("</w>") and len(t) > 5 and t[:-4].isalpha()]
+
+
+def unknown_words(tokenizer, prompt: str) -> list[str]:
+    """The words of `prompt` (lower-cased, once each) that a small word-list vocabulary (`SMALL_VOCABULARY`) does not
+    hold as one token; always [] for CLIP's full vocabulary."""
+    if len(tokenizer) >= SMALL_VOCABULARY:
+        return []
+    words = dict.fromkeys(re.findall(r"[^\W\d_]+", prompt.lower()))
+    return [w for w in words if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+
+
+def vocabulary_warning(tokenizer, prompt: str) -> str | None:
+    """One line naming the words of `prompt` outside a small vocabulary and listing the words it knows; None when
+    every word is known (or the vocabulary is CLIP's). The CLI prints it (TextEncoder.tokenize), the web page shows it."""
+    unknown = unknown_words(tokenizer, prompt)
+    if not unknown:
+        return None
+    return (f"warning: {', '.join(map(repr, unknown))} in the prompt {prompt!r} "
+            f"{'is' if len(unknown) == 1 else 'are'} not in the model's vocabulary (split into letters, the edit "
+            f"renders noise); the words it knows: {', '.join(known_words(tokenizer))}")
 
 
 def vit_l14_text_config():
@@ -136,6 +167,7 @@ class TextEncoder(nn.Module):
         if isinstance(prompts, str):
             prompts = [prompts]
         self._warn_truncated(prompts)
+        self._warn_unknown_words(prompts)
         ids = self.tokenizer(
             list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         ).input_ids
@@ -154,6 +186,16 @@ class TextEncoder(nn.Module):
                 kept = self.tokenizer.decode(full[1:self.max_length - 1], skip_special_tokens=True)
                 print(f"warning: the prompt {prompt[:60]!r}... is {len(full)} tokens, CLIP reads {self.max_length} "
                       f"(start and end included): only {kept!r} is used; shorten the prompt", file=sys.stderr)
+
+    def _warn_unknown_words(self, prompts: Sequence[str]) -> None:
+        """Once per prompt, on stderr: words a small vocabulary (the miniature model's) does not know
+        (`vocabulary_warning`)."""
+        warned = self.__dict__.setdefault("_warned_vocabulary", set())
+        for prompt in prompts:
+            if prompt not in warned:
+                warned.add(prompt)
+                if (line := vocabulary_warning(self.tokenizer, prompt)) is not None:
+                    print(line, file=sys.stderr)
 
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:
