@@ -17,11 +17,37 @@ from pathlib import Path
 
 import torch
 
+from .attention import temporal_module
 from .config import load_config, video_options
 from .errors import Ei2Error
-from .pipeline import Models, init_temporal_, load_models, resolve_device, resolve_precision
+from .pipeline import Models, load_models, resolve_device, resolve_precision
 from .tuned import load_tuned
-from .unet import is_temporal_key
+from .unet import UNet, is_temporal_key
+
+
+@torch.no_grad()
+def init_temporal_(unet: UNet, seed: int) -> UNet:
+    """Give every temporal module (STAM / TA: norm_temp, attn_temp, spectral-norm u, v included) the initial weights
+    that `seed` alone determines: the modules are built again, in the UNet's block order, from a CPU random state
+    seeded with `seed` (forked: the caller's random state is untouched) and copied in, cast to the dtype and device
+    each tensor has. So a job's starting point does not depend on what ran before in the process (another job, another
+    model loaded first) or on which GPU runs it; a fresh load and a reused model (ei2.cache) start from the same
+    weights, bit for bit."""
+    video = unet.video
+    if video.temporal == "none":
+        return unet
+    blocks = [m for m in unet.modules() if getattr(m, "attn_temp", None) is not None]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for block in blocks:
+            dim = block.attn_temp.to_q.in_features
+            fresh = temporal_module(video.temporal, dim, block.attn_temp.heads, video.temporal_norm,
+                                    video.spectral_norm)
+            for own, new in zip((block.norm_temp, block.attn_temp), fresh):
+                state = new.state_dict()
+                for key, tensor in own.state_dict().items():
+                    tensor.copy_(state[key].to(tensor.dtype))
+    return unet
 
 
 def job_settings(cfg, models: Models) -> Models:
@@ -34,7 +60,8 @@ def job_settings(cfg, models: Models) -> Models:
 def load(cfg, device: torch.device, precision: str) -> Models:
     """A fresh set for a job: SD inflated with the config's modules, temporal modules from cfg.seed, the memory
     options set, compiled in place with `compile` (names, checkpoints and hooks stay those of the plain module)."""
-    models = load_models(cfg.model, video_options(cfg), device, precision, seed=cfg.seed)
+    models = load_models(cfg.model, video_options(cfg), device, precision)
+    init_temporal_(models.unet, cfg.seed)
     if cfg.compile:
         models.unet.compile()
     return job_settings(cfg, models)

@@ -27,7 +27,6 @@ from . import __version__, ddim
 from .config import DEVICES, PRECISIONS
 from .errors import Ei2Error
 from .text import TextEncoder
-from .attention import temporal_module
 from .unet import UNet, VideoOptions, mark_trainable
 from .vae import AutoencoderKL
 from .weights import check_sd_folder
@@ -80,10 +79,9 @@ class Models:
         return autocast(self.device, self.precision)
 
 
-def load_models(model: str, video: VideoOptions, device: torch.device, precision: str,
-                seed: int | None = None) -> Models:
-    """SD's text encoder and VAE (frozen) and its UNet inflated with `video` (temporal modules fresh: from `seed`
-    alone with `init_temporal_` when given, else from the global random state).
+def load_models(model: str, video: VideoOptions, device: torch.device, precision: str) -> Models:
+    """SD's text encoder and VAE (frozen) and its UNet inflated with `video` (temporal modules fresh from the global
+    random state; ei2.cache.load seeds them from the job's seed alone).
 
     Under bf16/fp16 the frozen UNet weights are stored in that dtype and only the trainable tensors keep fp32 master
     copies (mark_trainable runs first): the memory of the frozen 860 M parameters halves, results do not change
@@ -96,35 +94,7 @@ def load_models(model: str, video: VideoOptions, device: torch.device, precision
     text = TextEncoder.from_pretrained(model, device=device, tokenizer=tokenizer)
     vae = AutoencoderKL.from_pretrained(model)  # fp32: prepare_models casts only the decoder to vae_dtype
     unet = UNet.from_pretrained(model, **dataclasses.asdict(video))
-    models = prepare_models(unet, vae, text, device, precision)
-    if seed is not None:
-        init_temporal_(models.unet, seed)
-    return models
-
-
-@torch.no_grad()
-def init_temporal_(unet: UNet, seed: int) -> UNet:
-    """Give every temporal module (STAM / TA: norm_temp, attn_temp, spectral-norm u, v included) the initial weights
-    that `seed` alone determines: the modules are built again, in the UNet's block order, from a CPU random state
-    seeded with `seed` (forked: the caller's random state is untouched) and copied in, cast to the dtype and device
-    each tensor has. So a job's starting point does not depend on what ran before in the process (another job, another
-    model loaded first) or on which GPU runs it; a fresh load and a reused model (ei2.cache) start from the same
-    weights, bit for bit."""
-    video = unet.video
-    if video.temporal == "none":
-        return unet
-    blocks = [m for m in unet.modules() if getattr(m, "attn_temp", None) is not None]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for block in blocks:
-            dim = block.attn_temp.to_q.in_features
-            fresh = temporal_module(video.temporal, dim, block.attn_temp.heads, video.temporal_norm,
-                                    video.spectral_norm)
-            for own, new in zip((block.norm_temp, block.attn_temp), fresh):
-                state = new.state_dict()
-                for key, tensor in own.state_dict().items():
-                    tensor.copy_(state[key].to(tensor.dtype))
-    return unet
+    return prepare_models(unet, vae, text, device, precision)
 
 
 def vae_dtype(precision: str) -> torch.dtype:

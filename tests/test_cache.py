@@ -12,13 +12,12 @@ import torch
 from tiny_model import write_random_model
 
 from ei2.attention import temporal_module
-from ei2.cache import ModelCache
+from ei2.cache import ModelCache, load
 from ei2.config import load_config
 from ei2.edit import edit
 from ei2.mini.world import make_demo_clip
-from ei2.pipeline import load_models
 from ei2.train import Cancelled, run
-from ei2.unet import VideoOptions, is_temporal_key
+from ei2.unet import is_temporal_key
 from ei2.weights import read_state_dict
 
 N, SIZE = 3, 64
@@ -51,13 +50,13 @@ def frames(run_dir):
     return iio.imread(run_dir / entry["gif"], index=None)
 
 
-def test_temporal_modules_depend_on_the_seed_alone(assets):
-    model = str(assets[0])
-    a = load_models(model, VideoOptions(), torch.device("cpu"), "fp32", seed=7)
+def test_temporal_modules_depend_on_the_seed_alone(assets, tmp_path):
+    cpu = torch.device("cpu")
+    a = load(cfg_for(assets, tmp_path, seed=7), cpu, "fp32")
     torch.manual_seed(123)  # another global random state, and random numbers drawn from it
     torch.randn(1000)
-    b = load_models(model, VideoOptions(), torch.device("cpu"), "fp32", seed=7)
-    c = load_models(model, VideoOptions(), torch.device("cpu"), "fp32", seed=8)
+    b = load(cfg_for(assets, tmp_path, seed=7), cpu, "fp32")
+    c = load(cfg_for(assets, tmp_path, seed=8), cpu, "fp32")
     sa, sb, sc = (m.unet.state_dict() for m in (a, b, c))
     temporal = [k for k in sa if is_temporal_key(k)]
     assert temporal and all(torch.equal(sa[k], sb[k]) for k in sa)
