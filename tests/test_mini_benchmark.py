@@ -126,3 +126,19 @@ def test_bad_arguments_are_one_line_errors(capsys):
             main(argv)
         assert e.value.code == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--lr", "nan"], "--lr=nan must be a finite number"), (["--lr", "0"], "--lr=0.0 must be > 0"),
+    (["--guidance", "0.5"], "--guidance=0.5 must be"), (["--guidance", "inf"], "--guidance=inf must be a finite"),
+    (["--steps", "-1"], "--steps=-1 must be"), (["--inference-steps", "0"], "--inference-steps=0 must be"),
+    (["--inversion-steps", "2000"], "--inversion-steps=2000 must be"),
+])
+def test_numeric_flags_are_checked_by_the_config_table(argv, said, capsys, tmp_path):
+    """The benchmark's numbers go through ei2.config.check_value (one range table): one line, exit 2, before any
+    model is read (the model folder does not exist)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--model", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

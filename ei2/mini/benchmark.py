@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .. import diagnose as diag
+from ..config import check_value
 from ..errors import Ei2Error, cli_main
 from ..files import atomic_path, check_writable_dir
 from ..pipeline import (Phase, encode_video, invert, load_models, make_optimizer, render, resolve_device,
@@ -263,8 +264,14 @@ def resolve_args(args) -> argparse.Namespace:
     if bad or not args.method_list or not args.edit_list or not args.seed_list:
         raise Ei2Error(f"unknown or empty: {', '.join(bad) or 'list'}; methods: {', '.join(VARIANTS)}; "
                        f"edits: {', '.join(parse.ATTRIBUTES)}")
-    if not 1 <= args.clips <= len(CLIPS) or args.steps < 0:
-        raise Ei2Error(f"--clips must be 1..{len(CLIPS)} and --steps >= 0")
+    if not 1 <= args.clips <= len(CLIPS):
+        raise Ei2Error(f"--clips must be 1..{len(CLIPS)}")
+    # the numbers that are config keys: one place for type, finiteness and range (ei2.config.RANGES)
+    for name, key in (("steps", "steps"), ("lr", "learning_rate"), ("guidance", "guidance"),
+                      ("inference_steps", "inference_steps"), ("inversion_steps", "inversion_steps")):
+        check_value(key, getattr(args, name), "--" + name.replace("_", "-"))
+    for seed in args.seed_list:
+        check_value("seed", seed, "--seeds")
     return args
 
 
