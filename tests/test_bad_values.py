@@ -1,5 +1,6 @@
-"""Bad values, frames and prompts (issue 14): non-finite and out-of-range numbers on every CLI that takes them (one
-range table, `ei2.config.RANGES`), JSON that refuses NaN, every image mode read to the right 8-bit RGB, frames of
+"""Bad values, frames and prompts (issue 14): the one range table (`ei2.config.RANGES`, `CLI_RANGES`) covers every
+numeric key and any number typed is either in range or refused in one line (hypothesis; the bad numbers of each CLI
+are rows of tests/test_bad_inputs.py), JSON that refuses NaN, every image mode read to the right 8-bit RGB, frames of
 different sizes refused, scoring that never breaks a run, and the warning for prompts over CLIP's 77 tokens."""
 
 import json
@@ -11,9 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from ei2.config import RANGES, TrainConfig, check_value, load_config, save_config
-from ei2.diagnose import main as diagnose_main
-from ei2.edit import main as edit_main
+from ei2.config import CLI_RANGES, RANGES, TrainConfig, check_value, cli_number, load_config
 from ei2.errors import Ei2Error
 from ei2.files import write_json
 from ei2.mini.tokenizer import write_tiny_text_model
@@ -25,74 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "weights/mini/unet/diffusion_pytorch_model.safetensors"
 
 
-# --- numbers: one table, every CLI -------------------------------------------------------------------------------
-
-
-def fake_run(tmp_path: Path) -> Path:
-    """A folder that passes ei2.edit's first checks (a config.yaml): the value checks come before any model loads."""
-    run = tmp_path / "run"
-    run.mkdir()
-    save_config(TrainConfig(video=str(tmp_path / "clip.gif"), caption="a red circle on a white background"),
-                run / "config.yaml")
-    return run
-
-
-# (cli, arguments, message fragment); every row: exit 2, one line `error: ...`, nothing written
-ROWS = [
-    ("train", ["--guidance", "inf"], "guidance=inf must be a finite number"),
-    ("train", ["--guidance", "nan"], "guidance=nan must be a finite number"),
-    ("train", ["--guidance", "-1"], "guidance=-1.0 must be >= 1"),
-    ("train", ["--guidance", "1e9"], "guidance=1000000000.0 must be >= 1 and <= 100"),
-    ("train", ["--learning_rate", "nan"], "learning_rate=nan must be a finite number"),
-    ("train", ["--learning_rate", "-1e-4"], "learning_rate=-0.0001 must be > 0"),
-    ("train", ["--weight_decay", "-inf"], "weight_decay=-inf must be a finite number"),
-    ("train", ["--grad_clip", "inf"], "grad_clip=inf must be a finite number"),
-    ("train", ["--steps", "inf"], "steps must be an integer"),
-    ("train", ["--steps", "-5"], "steps=-5 must be >= 0"),
-    ("train", ["--seed", str(2**64)], f"seed={2**64} must be in -{2**63}..{2**64 - 1}"),
-    ("train", ["--fps", "nan"], "fps must be an integer"),
-    ("train", ["--learning_rate", "1" + "0" * 400], "learning_rate must be a number"),
-    ("edit", ["--guidance", "nan"], "--guidance=nan must be a finite number"),
-    ("edit", ["--guidance", "inf"], "--guidance=inf must be a finite number"),
-    ("edit", ["--guidance", "0.5"], "--guidance=0.5 must be >= 1"),
-    ("edit", ["--steps", "0"], "--steps=0 must be in 1..1000"),
-    ("edit", ["--steps", "5000"], "--steps=5000 must be in 1..1000"),
-    ("edit", ["--precision", "fp64"], "precision 'fp64' is not one of auto, fp32, bf16, fp16"),
-    ("edit", ["--device", "gpu0"], "device 'gpu0' is not one of auto, cpu, cuda, cuda:N, mps"),
-    ("edit", ["--device", "mps"], "MPS (Apple GPU) is not available"),
-    ("edit", ["--device", "cuda:1"], "device 'cuda:1' asked for but"),
-    ("diagnose", ["--lr", "-1"], "--lr=-1.0 must be > 0"),
-    ("diagnose", ["--lr", "nan"], "--lr=nan must be a finite number"),
-    ("diagnose", ["--lr", "inf"], "--lr=inf must be a finite number"),
-    ("diagnose", ["--tune-steps", "-1"], "--tune-steps=-1 must be >= 0"),
-    ("diagnose", ["--ratio", "0"], "--ratio=0 must be >= 1"),
-    ("diagnose", ["--n-frames", "0"], "--n-frames=0 must be >= 1"),
-    ("diagnose", ["--seed", str(2**70)], f"--seed={2**70} must be in -"),
-]
-
-
-@pytest.mark.parametrize("cli, args, fragment", ROWS, ids=[f"{c}{' '.join(a)[:30]}" for c, a, _ in ROWS])
-def test_bad_number_is_one_line_exit_2(cli, args, fragment, tmp_path, capsys):
-    out = tmp_path / "out"
-    if cli == "train":
-        argv, main = ["--config", str(DEMO_CONFIG), "--output_dir", str(out), "--no-progress"] + args, train_main
-    elif cli == "edit":
-        run = fake_run(tmp_path)
-        before = sorted(p.name for p in run.iterdir())
-        argv, main = ["--run", str(run), "--prompt", "a blue square on a white background", "--no-progress"] + args, \
-            edit_main
-    else:
-        argv, main = ["--model", str(tmp_path / "sd"), "--video", str(tmp_path / "clip.gif"), "--caption", "a cat",
-                      "--out", str(out), "--no-progress"] + args, diagnose_main
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert fragment in err, err
-    assert not out.exists()  # nothing half-written
-    if cli == "edit":
-        assert sorted(p.name for p in run.iterdir()) == before
+# --- numbers: one range table (the bad numbers of every CLI are rows of tests/test_bad_inputs.py) ------------------
 
 
 def test_every_numeric_key_has_a_range():
@@ -141,6 +73,20 @@ def test_property_any_number_is_accepted_in_range_or_refused_in_one_line(name, v
     assert _in_range(name, got), (name, value, got)
     text = yaml.safe_dump(got)  # what config.yaml records
     assert "nan" not in text.lower() and "inf" not in text.lower()
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(name=st.sampled_from(sorted(CLI_RANGES)), value=NUMBERS)
+def test_property_a_cli_number_is_in_range_or_refused_in_one_line(name, value):
+    """The numbers of a CLI that are not config keys (ei2.evaluate --max-frames) follow the same rule."""
+    tp, low, high, excluded = CLI_RANGES[name]
+    flag = "--" + name.replace("_", "-")
+    try:
+        got = cli_number(name, str(value), flag)
+    except Ei2Error as e:
+        assert "\n" not in str(e) and str(e).startswith(flag)
+        return
+    assert isinstance(got, tp) and (got > low if excluded else got >= low) and (high is None or got <= high)
 
 
 @settings(max_examples=200, deadline=None, database=None)

@@ -1,6 +1,7 @@
 """Faults around the files a run writes (issue 14): the umask's permissions, temp files left by a killed writer,
-one error boundary for OSError (a full disk, /proc, an output_dir that is a file), the output folder checked before
-any work, and the run lock."""
+one error boundary for OSError, the writable check of the output folder, and the run lock (incl. processes racing
+for a stale one). The bad-input rows of every CLI (an output_dir that is a file, /proc, read-only, a full disk, a held
+lock, ...) are the table of tests/test_bad_inputs.py."""
 
 import errno
 import json
@@ -17,41 +18,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_model import write_random_model
 
-import ei2.diagnose
 import ei2.edit
-import ei2.evaluate
 import ei2.mini.benchmark
 import ei2.train
-import ei2.video
-import ei2.weights
 from ei2.errors import Ei2Error, cli_main
 from ei2.files import (LOCK_NAME, TMP_MARK, RunLock, atomic_path, check_writable_dir, clean_stale_temp_files,
                        write_json)
-from ei2.mini.world import make_demo_clip
 from ei2.video import write_video
 from ei2.weights import save_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
-N, SIZE = 4, 64
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return write_random_model(root / "model"), make_demo_clip(root / "clip.gif", n_frames=6, size=SIZE)
-
-
-def train_argv(assets, out, **kw):
-    model, clip = assets
-    args = {"model": model, "video": clip, "caption": "a red circle moving right", "n_frames": N, "size": SIZE,
-            "steps": 2, "inference_steps": 2, "inversion_steps": 2, "checkpoint_every": 1, "output_dir": out,
-            "edit_prompts": ["a blue circle moving right"], **kw}
-    argv = ["--no-progress"]
-    for k, v in args.items():
-        argv += [f"--{k}"] + ([str(x) for x in v] if isinstance(v, list) else [str(v)])
-    return argv
 
 
 def one_line_error(capsys, fn, *args) -> str:
@@ -167,40 +144,15 @@ def test_a_probe_write_that_fails_is_a_one_line_error(tmp_path, monkeypatch):
         check_writable_dir(tmp_path / "run")
 
 
-@pytest.mark.parametrize("where", ["file", "/proc/ei2-test/run", "/sys/ei2-test"])
-def test_train_refuses_an_unwritable_output_dir_before_any_work(tmp_path, monkeypatch, capsys, where):
-    (tmp_path / "file").write_text("x")
-    out = tmp_path / "file" if where == "file" else Path(where)
-    monkeypatch.setattr(ei2.train, "run_locked", lambda *a: pytest.fail("work started"))
-    line = one_line_error(capsys, ei2.train.main, ["--output_dir", str(out), "--no-progress"])
-    assert f"output_dir {out}" in line and "choose another output_dir" in line
-    assert (tmp_path / "file").read_text() == "x"
-
-
-def test_diagnose_refuses_an_unwritable_out_before_its_compute(assets, monkeypatch, capsys):
-    model, clip = assets
-    monkeypatch.setattr(ei2.diagnose, "diagnose", lambda *a, **kw: pytest.fail("compute reached"))
-    line = one_line_error(capsys, ei2.diagnose.main, ["--model", str(model), "--video", str(clip), "--caption", "x",
-                                                      "--compare", "ta,stam", "--out", "/proc/ei2-test"])
-    assert "--out folder /proc/ei2-test is under /proc" in line
-
-
-def test_evaluate_and_benchmark_refuse_an_unwritable_output_before_work(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ei2.evaluate, "ClipScorer", lambda *a: pytest.fail("CLIP loaded"))
-    assert "run folder /proc/self is under /proc" in one_line_error(capsys, ei2.evaluate.main, ["--run", "/proc/self"])
+def test_benchmark_refuses_an_unwritable_output_before_work(tmp_path, monkeypatch, capsys):
+    # train, edit, diagnose and evaluate: the table of tests/test_bad_inputs.py
     monkeypatch.setattr(ei2.mini.benchmark, "suite", lambda *a: pytest.fail("work started"))
     (tmp_path / "f").write_text("x")
     line = one_line_error(capsys, ei2.mini.benchmark.main, ["--quick", "--out", str(tmp_path / "f")])
     assert "--out folder" in line and "is an existing file" in line
 
 
-def test_edit_refuses_a_run_folder_under_proc(capsys):
-    # /proc/self has no config.yaml: the run check says so first; the writability check is behind it
-    line = one_line_error(capsys, ei2.edit.main, ["--run", "/proc/self", "--prompt", "x"])
-    assert "not a finished ei2 run" in line
-
-
-# --- A full disk and other OSErrors: one line, exit 2, nothing half-written ------------------------------------------
+# --- OSErrors: one line, exit 2 (a full disk on every CLI: tests/test_bad_inputs.py) -----------------------------
 
 @pytest.mark.parametrize("code, what", [(errno.ENOSPC, "no space left on device"),
                                         (errno.EROFS, "read-only file system"),
@@ -220,31 +172,6 @@ def test_cli_main_keeps_ctrl_c_as_130(capsys):
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 130
-
-
-def full_disk(path, *a, **kw):
-    Path(path).write_bytes(b"half")  # some bytes made it, then the disk was full
-    raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-
-def test_a_full_disk_during_a_checkpoint_write(assets, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    real = ei2.weights.save_file
-    monkeypatch.setattr(ei2.weights, "save_file",
-                        lambda t, path, **kw: full_disk(path) if "checkpoints" in path else real(t, path, **kw))
-    line = one_line_error(capsys, ei2.train.main, train_argv(assets, out))
-    assert line.startswith(f"error: no space left on device ({out / 'checkpoints'}/.last")
-    assert line.endswith("free space or choose another output_dir")
-    assert not (out / "checkpoints" / "last.safetensors").exists() and temp_files(out) == []
-    assert not (out / LOCK_NAME).exists()
-
-
-def test_a_full_disk_during_a_video_write(assets, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    monkeypatch.setattr(ei2.video, "_write_gif", lambda frames, shape, tmp, fps: full_disk(tmp))
-    line = one_line_error(capsys, ei2.train.main, train_argv(assets, out))
-    assert "no space left on device" in line and ".gif): free space or choose another output_dir" in line
-    assert not list(out.rglob("*.gif")) and temp_files(out) == [] and not (out / LOCK_NAME).exists()
 
 
 # --- The run lock -----------------------------------------------------------------------------------------------------
@@ -311,19 +238,6 @@ def test_a_lock_held_by_a_live_process_on_this_host_is_refused(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
-
-
-def test_train_and_edit_refuse_a_folder_in_use(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ei2.train, "run_locked", lambda *a: pytest.fail("work started"))
-    monkeypatch.setattr(ei2.edit, "edit_locked", lambda *a: pytest.fail("work started"))
-    monkeypatch.setattr(ei2.train, "check_job", lambda *a: (torch.device("cpu"), "fp32"))
-    for name in ["config.yaml", "tuned.safetensors", "inverted.safetensors"]:
-        (tmp_path / name).write_text("x")
-    with RunLock(tmp_path):
-        line = one_line_error(capsys, ei2.train.main, ["--output_dir", str(tmp_path), "--resume"])
-        assert f"{tmp_path} is in use by process {os.getpid()}" in line
-        line = one_line_error(capsys, ei2.edit.main, ["--run", str(tmp_path), "--prompt", "x"])
-        assert f"{tmp_path} is in use by process {os.getpid()}" in line
 
 
 def _race_for_the_lock(folder: str, start, hold, results) -> None:
