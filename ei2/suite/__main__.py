@@ -25,13 +25,15 @@ from .schedule import connect
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ei2.suite", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m ei2.suite", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="Any other --KEY VALUE is an ei2.train key applied to every job (it wins over "
                                        "the manifest). Results: <output_dir>/summary.md and summary.json; one "
                                        "folder per job, <output_dir>/<method>/<job>, in ei2.train's layout.")
     p.add_argument("manifest", help="the suite YAML (e.g. configs/suite-mini.yaml)")
     p.add_argument("--output_dir", "--output-dir", default=None, help="where the suite goes (default: the "
                    "manifest's output_dir, else runs/<manifest name>)")
+    p.add_argument("--video_root", "--video-root", default=None, help="the folder the jobs' videos are in (default: "
+                   "the manifest's video_root)")
     p.add_argument("--strict", action="store_true", help="a missing video stops the suite before any work")
     p.add_argument("--retry-failed", action="store_true", help="run the jobs that failed before again")
     p.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP ViT-L/14 folder for the CLIP columns, used when "
@@ -43,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args, rest = parser().parse_known_args(argv)
-    suite = load_suite(args.manifest, cli_overrides(_split_overrides(rest)), args.output_dir)
+    suite = load_suite(args.manifest, cli_overrides(_split_overrides(rest)), args.output_dir, args.video_root)
     for model in sorted({job.cfg.model for job in suite.jobs}):
         check_sd_folder(model)  # before any work: every job would fail
     if suite.missing and args.strict:

@@ -1,7 +1,7 @@
 """A suite's manifest: what to run, read and checked as a whole before any work starts.
 
     output_dir: runs/my-suite            # optional; --output_dir wins; default runs/<manifest name>
-    video_root: data/loveu-tgve-2023     # job videos are relative to it
+    video_root: data/loveu-tgve-2023     # job videos are relative to it (without it: as ei2.train's video)
     defaults:                            # every job: a config file, then any ei2.train key
       config: configs/sd-v1-4.yaml
       steps: 500
@@ -173,9 +173,10 @@ def config_file_keys(value, line, where: str, manifest: Path, problems: Problems
     return train_keys(data or {}, (), lines, str(path), problems, path, config_file=True)
 
 
-def load_suite(path: str | Path, overrides: dict | None = None, output_dir: str | None = None) -> Suite:
+def load_suite(path: str | Path, overrides: dict | None = None, output_dir: str | None = None,
+               video_root: str | None = None) -> Suite:
     """Read and check the manifest at `path`; `overrides` are checked ei2.train keys from the command line (they win
-    over everything), `output_dir` the command line's. Raises one Ei2Error listing every problem."""
+    over everything), `output_dir` and `video_root` the command line's. Raises one Ei2Error listing every problem."""
     path = Path(path).expanduser()
     data, lines = read_yaml_lines(path)
     where = str(path)
@@ -206,11 +207,14 @@ def load_suite(path: str | Path, overrides: dict | None = None, output_dir: str 
             problems.add(where, lines.get(("methods", str(name))), f"method name {name!r}: use letters, digits, . _ -")
         method_keys[str(name)] = train_keys(keys, ("methods", str(name)), lines, where, problems, path)
 
-    root = data.get("video_root", ".")
-    if not isinstance(root, str):
+    root = data.get("video_root")
+    if root is not None and not isinstance(root, str):
         problems.add(where, lines.get(("video_root",)), "video_root must be a folder path")
-        root = "."
-    video_root = Path(resolve_path(root, path))
+        root = None
+    if video_root is not None:
+        root = resolve_path(video_root)
+    elif root is not None:
+        root = resolve_path(root, path)
     out = output_dir or data.get("output_dir") or f"runs/{path.stem}"
     suite = Suite(path, Path(str(out)).expanduser())
 
@@ -227,7 +231,7 @@ def load_suite(path: str | Path, overrides: dict | None = None, output_dir: str 
         name, video, caption, kinds, prompts, job_keys = parsed
         for method, keys in method_keys.items():
             values = {**base, **keys, **job_keys, **(overrides or {}), "caption": caption, "edit_prompts": prompts,
-                      "video": str(video_root / video) if not Path(video).expanduser().is_absolute() else video,
+                      "video": resolve_path(video, path) if root is None else str(Path(root) / Path(video).expanduser()),
                       "output_dir": str(suite.output_dir / method / name)}
             try:
                 cfg = TrainConfig(**values)
