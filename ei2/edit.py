@@ -81,7 +81,8 @@ def edit_locked(run_dir: Path, prompts: list[str], guidance, steps, device, prec
     check_sd_folder(cfg.model)
     check_run_parts(read_tuned_metadata(tuned), tuned, cfg.model, x_T.shape, force)
     on_event({"phase": "load"})
-    models = (cache or ModelCache()).models_for_run(run_dir, str(dev), resolve_precision(precision or cfg.precision, dev))
+    precision = resolve_precision(precision or cfg.precision, dev)
+    models = (cache or ModelCache()).models_for_run(run_dir, str(dev), precision)
     torch.manual_seed(cfg.seed)
 
     listing = run_dir / "edits.json"

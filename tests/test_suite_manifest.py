@@ -49,12 +49,12 @@ jobs:
 def test_every_problem_is_reported_at_once_with_its_line(tmp_path, capsys):
     path = tmp_path / "suite.yaml"
     path.write_text(BAD)
-    assert_raises = pytest.raises(SystemExit)
-    with assert_raises as e:
+    with pytest.raises(SystemExit) as e:
         suite_main([str(path), "--output_dir", str(tmp_path / "out")])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    expected = [(2, "unknown key 'jobz'; did you mean 'jobs'?"), (4, "unknown config key 'stepz'; did you mean 'steps'"),
+    expected = [(2, "unknown key 'jobz'; did you mean 'jobs'?"),
+                (4, "unknown config key 'stepz'; did you mean 'steps'"),
                 (5, "learning_rate=5.0 must be > 0 and <= 1"), (8, "method name 'bad name'"),
                 (14, "guidance=nan must be a finite number"), (15, "duplicate job name 'a' (first at line 10)"),
                 (19, "unknown job key 'steps'; put ei2.train keys under overrides:"),
@@ -95,7 +95,8 @@ def test_strict_makes_a_missing_video_fatal_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         suite_main([str(path), "--output_dir", str(tmp_path / "out"), "--strict"])
     assert e.value.code == 2
-    assert f"--strict: 1 video(s) missing, nothing was started: ei2/j: {Path.cwd() / 'nope.gif'}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--strict: 1 video(s) missing, nothing was started: ei2/j: {Path.cwd() / 'nope.gif'}" in err
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         suite_main([str(path), "--video", "x.gif"])

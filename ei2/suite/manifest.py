@@ -76,7 +76,7 @@ class Suite:
 def read_yaml_lines(path: Path) -> tuple[object, dict[tuple, int]]:
     """A YAML file's data and the line (1-based) of every mapping key and list item, by path of str keys/int indices."""
     if not path.is_file():
-        raise Ei2Error(f"suite manifest not found: {path}; give the path of a suite YAML (e.g. configs/suite-mini.yaml)")
+        raise Ei2Error(f"suite manifest not found: {path}; give the path of a suite YAML, e.g. configs/suite-mini.yaml")
     try:
         text = path.read_text(encoding="utf-8")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -230,8 +230,9 @@ def load_suite(path: str | Path, overrides: dict | None = None, output_dir: str 
             continue
         name, video, caption, kinds, prompts, job_keys = parsed
         for method, keys in method_keys.items():
+            video_path = resolve_path(video, path) if root is None else str(Path(root) / Path(video).expanduser())
             values = {**base, **keys, **job_keys, **(overrides or {}), "caption": caption, "edit_prompts": prompts,
-                      "video": resolve_path(video, path) if root is None else str(Path(root) / Path(video).expanduser()),
+                      "video": video_path,
                       "output_dir": str(suite.output_dir / method / name)}
             try:
                 cfg = TrainConfig(**values)

@@ -65,7 +65,7 @@ class Rank:
             f.write(f"{now()} {text}\n")
 
     def progress(self, force: bool = False) -> None:
-        """Rank 0's line for the whole suite: finished (done / failed / skipped), running, waiting, elapsed, estimate."""
+        """Rank 0's line for the suite: finished (done / failed / skipped), running, waiting, elapsed, estimate."""
         if self.ranks.rank != 0 or not self.opts.progress:
             return
         if not force and time.perf_counter() - self.shown < self.opts.every:

@@ -68,5 +68,6 @@ def connect(timeout_min: float = 30) -> Ranks:
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
         return Ranks()
     store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=timeout_min)))
-    prefix = f"ei2-suite/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    run, restart = os.environ.get("TORCHELASTIC_RUN_ID", "run"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefix = f"ei2-suite/{run}/{restart}/"
     return Ranks(rank, world, int(os.environ.get("LOCAL_RANK", rank)), store, prefix)
