@@ -2,6 +2,7 @@
 manifests (configs/suite-mini.yaml, configs/loveu-tgve-2023.yaml and its generator) and the job scheduling
 (longest first; every index handed out once through a torch.distributed store)."""
 
+import json
 import sys
 import threading
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch.distributed as dist
 import yaml
 
+import ei2.suite.run
 from ei2.config import load_config
 from ei2.errors import Ei2Error
 from ei2.suite.__main__ import main as suite_main
@@ -164,3 +166,32 @@ def test_the_store_counter_hands_out_every_job_once():
         t.join()
     assert sorted(i for t in taken for i in t) == list(range(50))
     assert Ranks().next_job() == 0 and Ranks().add("x", 3) == 3  # alone: a local counter
+
+
+def test_a_killed_job_leaves_no_marker_and_is_redone(tmp_path, monkeypatch, capsys):
+    """A rank killed inside a job (KeyboardInterrupt stands for the signal: no `except Exception` catches it) leaves
+    the job's folder without done.json or failed.json; the next run redoes it (ei2.train itself is stubbed here)."""
+    path = tmp_path / "suite.yaml"
+    path.write_text(f"defaults: {{config: {ROOT / 'configs/demo.yaml'}}}\njobs:\n"
+                    f"  - {{name: j, video: {ROOT / 'assets/demo/red-circle.gif'}, caption: c, edits: {{k: p}}}}\n")
+    calls = []
+
+    def killed(cfg, out, *args):
+        (out / "tuned.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    def finishes(cfg, out, *args):
+        calls.append(cfg.output_dir)
+        for name in ("edits.json", "log.json"):
+            (out / name).write_text("[]" if name == "edits.json" else "{}")
+
+    monkeypatch.setattr(ei2.suite.run.train, "run_locked", killed)
+    with pytest.raises(SystemExit) as e:
+        suite_main([str(path), "--output_dir", str(tmp_path / "out"), "--no-progress"])
+    assert e.value.code == 130
+    job = tmp_path / "out/ei2/j"
+    assert (job / "tuned.safetensors").is_file() and not (job / "done.json").exists()
+    assert not (job / "failed.json").exists() and not (job / ".ei2.lock").exists()
+    monkeypatch.setattr(ei2.suite.run.train, "run_locked", finishes)
+    assert suite_main([str(path), "--output_dir", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert calls == [str(job)] and json.loads((job / "done.json").read_text())["status"] == "done"
