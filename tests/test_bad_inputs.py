@@ -158,9 +158,9 @@ class Case:
             self.mp.setattr(Path, "write_text", lambda p, *a, **kw: full(p) if TMP_MARK in p.name
                             else real_text(p, *a, **kw))
 
-    def fake_clip(self) -> None:
+    def fake_clip(self, scorer=None) -> None:
         """ei2.evaluate scores with a stand-in for CLIP (the rows about CLIP's own files use the real loader)."""
-        self.mp.setattr(ei2.evaluate, "ClipScorer", FakeScorer)
+        self.mp.setattr(ei2.evaluate, "ClipScorer", scorer or FakeScorer)
 
 
 class RunsCode:
@@ -179,6 +179,21 @@ class FakeScorer:
 
     def score(self, frames, prompt):
         return {"frames": len(frames), "frame_consistency": 95.0, "textual_alignment": 30.0}
+
+
+class NaNClip(ei2.evaluate.ClipScorer):
+    """CLIP's own scoring (ClipScorer.score) on embeddings that hold a NaN, as weights holding NaN give."""
+
+    def __init__(self, folder, device):
+        self.folder = folder
+
+    def image_embeddings(self, frames):
+        e = torch.ones(len(frames), 4)
+        e[0, 0] = float("nan")
+        return e
+
+    def text_embedding(self, prompt):
+        return torch.ones(4)
 
 
 @dataclass
@@ -266,6 +281,9 @@ TABLE = [
         "evaluate": lambda c: c.evaluate("--max-frames", "1")},
         {"train": "learning_rate=-0.0001 must be > 0", "edit": "--steps=0 must be in 1..1000",
          "diagnose": "--lr=-1.0 must be > 0", "evaluate": "--max-frames=1 must be >= 2"}),
+    Row("CLIP weights that give NaN (patched)", "a NaN in the image embeddings", {
+        "evaluate": lambda c: [*c.evaluate(), c.fake_clip(NaNClip)][:-1]},
+        "gives non-finite scores (frame_consistency=nan"),
     Row("empty prompt", "caption ' ' / --prompt ' '", {
         "train": lambda c: c.train(caption=" "),
         "edit": lambda c: ["--run", str(c.run()), "--prompt", " "],
@@ -389,8 +407,9 @@ def not_there(path: Path) -> None:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file (its sha256) and folder (an empty folder left behind counts) under `folder`."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(folder.rglob("*"))}
 
 
 def complete(path: Path) -> None:
@@ -449,7 +468,7 @@ def fails_cleanly(cli, argv, fragment, tmp_path, assets, capsys, code=2, writes=
     assert {f: h for f, h in after.items() if f.endswith(LOCK_NAME)} == locks
     if writes:
         for f in after:
-            if after[f] != before.get(f):  # written by the run (the broken inputs are not: they are the row)
+            if after[f] not in (before.get(f), "folder"):  # written by the run (the broken inputs are not: they are the row)
                 complete(tmp_path / f)
     else:
         assert after == before

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_model import write_random_model
 
 import ei2.pipeline
 import ei2.train
@@ -23,7 +22,6 @@ from ei2.config import load_config, video_options
 from ei2.edit import edit
 from ei2.edit import main as edit_main
 from ei2.errors import Ei2Error
-from ei2.mini.world import make_demo_clip
 from ei2.pipeline import Phase, decode, encode_video, load_models, tune_steps
 from ei2.text import TextEncoder
 from ei2.train import main, run
@@ -34,12 +32,6 @@ from ei2.video import read_frames
 from ei2.weights import read_state_dict
 
 N, SIZE = 4, 64
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return write_random_model(root / "model"), make_demo_clip(root / "clip.gif", n_frames=6, size=SIZE)
 
 
 def overrides(assets, out, **kw):
