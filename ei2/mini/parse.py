@@ -411,10 +411,14 @@ def ideal_edit(source_frames, source_caption: str, prompt: str) -> np.ndarray:
     return np.stack(out)
 
 
+# the scores of an edit against its ideal (edit_scores), after SCORES in edits.json's mini_metrics
+IDEAL_SCORES = ("mask_iou_vs_ideal", "trajectory_error_vs_ideal_px")
+
+
 def edit_scores(video, prompt: str, source, source_caption: str) -> dict[str, float]:
     """The flat SCORES of one edit (ei2.train's edits.json, score: mini) plus its fidelity to the IDEAL edit
     (`ideal_edit`): mask_iou_vs_ideal and trajectory_error_vs_ideal_px. Against the source, a shape edit's IoU is
     bounded well below 1 (a square is not a circle); against the ideal, a perfect edit scores IoU 1 and 0 px."""
     m = clip_metrics(video, prompt, source_frames=source, source_prompt=source_caption)
     ideal = structure_fidelity(video, ideal_edit(source, source_caption, prompt))
-    return flat_scores(m) | {"mask_iou_vs_ideal": ideal["iou"], "trajectory_error_vs_ideal_px": ideal["trajectory_error"]}
+    return flat_scores(m) | dict(zip(IDEAL_SCORES, (ideal["iou"], ideal["trajectory_error"])))
