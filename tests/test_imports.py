@@ -14,7 +14,7 @@ PACKAGE = ROOT / "ei2"
 MAX_LINES = 460  # "about 450": a file of the package is read in one sitting
 
 # Modules behind an optional extra: (module, the import that the extra brings). Skipped where the extra is missing.
-OPTIONAL: dict[str, str] = {}
+OPTIONAL: dict[str, str] = {"ei2.app.page": "gradio"}  # the web page: the `app` extra
 
 
 def module_name(path: Path) -> str:

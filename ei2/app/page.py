@@ -170,7 +170,9 @@ def build(runs: str | Path) -> gr.Blocks:
             for event in worker.edit(run_dir, prompt, gd):
                 update = {re_status: log.add(event)}
                 if event["phase"] == "edit":
-                    update.update({re_video: event["video"], gallery: gallery_of(run_dir)})
+                    update[re_video] = event["video"]
+                if event["phase"] in ("edit", "done"):
+                    update[gallery] = gallery_of(run_dir)
                 yield update
 
         clip.upload(on_upload, clip, status)
@@ -183,7 +185,9 @@ def build(runs: str | Path) -> gr.Blocks:
                   **DEVICE)
         cancel.click(on_cancel, None, status, queue=False)  # not queued behind the job it stops
         refresh.click(lambda: gr.update(choices=jobs.finished_runs(runs)), None, run_list)
-        run_list.change(gallery_of, run_list, gallery)
+        # a choice picked in the browser fires `select` (in a second tab `change` alone did not fire)
+        gr.on([run_list.change, run_list.select], gallery_of, run_list, gallery)
         render.click(on_render, [run_list, re_prompt, re_guidance], [re_status, re_video, gallery], **DEVICE)
-        page.load(lambda m, c, p: vocabulary_text(m, c, p), [model, caption, prompts], vocab)
+        page.load(lambda m, c, p: (vocabulary_text(m, c, p), gr.update(choices=jobs.finished_runs(runs))),
+                  [model, caption, prompts], [vocab, run_list])
     return page
