@@ -3,8 +3,9 @@ source's structure"): the VAE and DDIM inversion keep it; classifier-free guidan
 xfail: it turns into a failure the day the model reconstructs, so the target is then asserted for good).
 
 Settings reduced for CI: the inflated model as loaded (EI², before tuning), 10 inversion and 10 sampling steps. Measured
-at these settings (CPU, fp32): VAE IoU 0.95 / 0.25 px; round trip 0.895 / 0.40 px; source caption at guidance 7.5
-0.34 / 6.1 px. With the demo's 25 steps and 100 tuning steps the numbers are 0.91 / 0.31 px and 0.36 / 8.6 px."""
+at these settings on the demo clip (CPU, fp32): VAE IoU 0.98 / 0.18 px; round trip 0.946 / 0.34 px; source caption at
+guidance 1 0.92 / 0.86 px, at guidance 7.5 0.67 / 3.9 px (the earlier demo clip, radius 11 px touching the border:
+0.95 / 0.25, 0.895 / 0.40, 0.70 / 0.88, 0.34 / 6.1)."""
 
 from pathlib import Path
 
@@ -52,19 +53,19 @@ def test_vae_keeps_the_demo_clip(demo):
     with torch.no_grad():
         video = to_uint8(models.vae.decode(posterior.mean).clamp(-1, 1))
     f = parse.structure_fidelity(video, source)
-    assert f["iou"] >= 0.9 and f["trajectory_error"] <= 0.5, (f["iou"], f["trajectory_error"])  # 0.95, 0.25 px
+    assert f["iou"] >= 0.95 and f["trajectory_error"] <= 0.4, (f["iou"], f["trajectory_error"])  # 0.98, 0.18 px
 
 
 def test_ddim_inversion_round_trip_keeps_the_demo_clip(demo):
     """Invert with the empty prompt, sample back with it at guidance 1: the inversion alone loses little."""
     source, models, _, x0, x_T, empty = demo
     z, video = rendered(models, x_T, empty, empty, 1.0)
-    assert float((z - x0).abs().mean() / x0.abs().mean()) < 0.25  # 0.155 relative latent error at 10 steps
+    assert float((z - x0).abs().mean() / x0.abs().mean()) < 0.25  # 0.156 relative latent error at 10 steps
     f = parse.structure_fidelity(video, source)
-    assert f["iou"] >= 0.85 and f["trajectory_error"] <= 0.8, (f["iou"], f["trajectory_error"])  # 0.895, 0.40 px
+    assert f["iou"] >= 0.9 and f["trajectory_error"] <= 0.7, (f["iou"], f["trajectory_error"])  # 0.946, 0.34 px
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: at guidance 7.5 the mini model redraws the object (IoU 0.34, 6 px)")
+@pytest.mark.xfail(strict=True, reason="issue 13: at guidance 7.5 the mini model redraws the object (IoU 0.67, 3.9 px)")
 def test_guided_reconstruction_keeps_the_demo_clip(demo):
     """Issue 13's target: the source caption rendered from the inverted latent at the demo's guidance 7.5 gives back
     the clip (mask IoU >= 0.8, trajectory error <= 1.5 px)."""
@@ -75,7 +76,7 @@ def test_guided_reconstruction_keeps_the_demo_clip(demo):
 
 
 def test_demo_object_size_in_latent_pixels():
-    """The demo's circle (radius 11 px of 64) spans under 3 latent pixels of the 8x8 latent: ~6 of its 64 pixels."""
+    """The demo's circle (radius 16 px of 64) spans 4 latent pixels of the 8x8 latent: ~13 of its 64 pixels."""
     p = parse.parse_frame(world.demo_frames()[0])
     radius = float(np.sqrt(p["area"] / np.pi))
-    assert 10.5 < radius < 11.5 and p["area"] / 64 == pytest.approx(5.9, abs=0.2)
+    assert 15.5 < radius < 16.5 and p["area"] / 64 == pytest.approx(12.7, abs=0.3)

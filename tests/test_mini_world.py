@@ -171,3 +171,17 @@ def test_committed_demo_clip_is_make_demo_clip(tmp_path):
     committed = Path(__file__).resolve().parents[1] / "assets" / "demo" / "red-circle.gif"
     fresh = world.make_demo_clip(tmp_path / "c.gif")
     np.testing.assert_array_equal(to_uint8(read_frames(fresh, 8, size=64)), to_uint8(read_frames(committed, 8, size=64)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_demo_clip_lies_inside_the_training_distribution(seed):
+    """The demo circle's radius is within the training clips' (world.RADIUS_RANGE) and it keeps the clips' 1 px
+    margin from the border in every frame (issue 13: a smaller circle touching the border was redrawn by the model)."""
+    frames = world.demo_frames(seed=seed)
+    rng = np.random.default_rng(seed)
+    radius = 64 * rng.uniform(*world.DEMO_RADIUS)
+    assert world.RADIUS_RANGE[0] <= radius <= world.RADIUS_RANGE[1]
+    for f in frames:
+        ys, xs = np.nonzero((f != 255).any(-1))
+        assert xs.min() >= 1 and ys.min() >= 1 and xs.max() <= 62 and ys.max() <= 62
+        assert (xs.max() - xs.min() + 1) >= 2 * world.RADIUS_RANGE[0] - 1

@@ -245,12 +245,18 @@ def draw_scene(shape: str, color, background, center: tuple[float, float], radiu
     return img
 
 
+DEMO_RADIUS = (0.22, 0.27)  # of the frame size: 14-17 px at 64, inside the training clips' 12-18 px
+
+
 def demo_frames(n_frames: int = 8, size: int = 64, seed: int = 0) -> np.ndarray:
-    """uint8 (n, size, size, 3): a red circle moving left to right on white; radius and height from the seed."""
+    """uint8 (n, size, size, 3): a red circle moving left to right on white; radius and height from the seed.
+
+    Inside the training distribution (issue 13): radius within the clips' range, 1 px from the border at both ends
+    (an earlier demo circle of radius 11 touching the border was redrawn by the model at its usual size and place)."""
     rng = np.random.default_rng(seed)
-    radius = size * rng.uniform(0.12, 0.2)
-    cy = rng.uniform(radius, size - radius)
-    xs = np.linspace(radius, size - radius, n_frames) if n_frames > 1 else [size / 2]
+    radius = size * rng.uniform(*DEMO_RADIUS)
+    cy = rng.uniform(radius + 1, size - radius - 1)
+    xs = np.linspace(radius + 1, size - radius - 1, n_frames) if n_frames > 1 else [size / 2]
     return np.stack([draw_scene("circle", "red", "white", (float(cx), cy), radius, size) for cx in xs])
 
 
