@@ -130,6 +130,8 @@ class RunLock:
     lock's path, and replaces the stale file by one already holding the new owner's record and flock (a rename): of
     two processes taking over one stale lock, exactly one wins, the other then finds a live owner and is refused."""
 
+    WAIT_S = 5.0  # how long a lock being created or taken over right now (or left empty) is waited for
+
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
@@ -141,7 +143,7 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         self.folder.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + 5.0  # for a lock being created or taken over right now
+        deadline = time.monotonic() + self.WAIT_S
         while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666 & ~umask())

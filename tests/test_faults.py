@@ -4,6 +4,7 @@ for a stale one). The bad-input rows of every CLI (an output_dir that is a file,
 lock, ...) are the table of tests/test_bad_inputs.py."""
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -238,6 +239,34 @@ def test_a_lock_held_by_a_live_process_on_this_host_is_refused(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_the_holder_keeps_an_flock_on_the_lock_file(tmp_path):
+    with RunLock(tmp_path) as lock:
+        with open(lock.path) as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not lock.path.exists()
+
+
+def test_a_stale_lock_being_taken_over_right_now_is_left_to_the_taker(tmp_path, monkeypatch):
+    """A stale record, but its file is flock()ed (another process is taking it over): never a second takeover."""
+    path = write_lock(tmp_path, socket.gethostname(), dead_pid())
+    before = path.read_text()
+    monkeypatch.setattr(RunLock, "WAIT_S", 0.3)
+    with open(path) as taker:
+        fcntl.flock(taker, fcntl.LOCK_EX)
+        with pytest.raises(Ei2Error, match="is in use by process"):
+            RunLock(tmp_path).__enter__()
+    assert path.read_text() == before and temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("content", ["", "{not json"])
+def test_an_empty_or_unreadable_lock_is_refused_with_how_to_remove_it(tmp_path, monkeypatch, content):
+    (tmp_path / LOCK_NAME).write_text(content)  # empty: its writer died before writing (waited for first)
+    monkeypatch.setattr(RunLock, "WAIT_S", 0.3)
+    with pytest.raises(Ei2Error, match=rf"has an unreadable lock .*\(rm {re.escape(str(tmp_path / LOCK_NAME))}\)"):
+        RunLock(tmp_path).__enter__()
+    assert (tmp_path / LOCK_NAME).read_text() == content
 
 
 def _race_for_the_lock(folder: str, start, hold, results) -> None:
