@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import ei2.suite.run
 from ei2.suite.__main__ import main as suite_main
 from ei2.train import main as train_main
 from ei2.weights import read_state_dict
@@ -57,9 +58,19 @@ jobs:
     return path
 
 
+class FakeClip:
+    """Stands for CLIP ViT-L/14 (no weights here): numbers from the frames and the prompt, to follow them to the
+    tables."""
+    folder = Path("fake-clip")
+
+    def score(self, frames, prompt):
+        return {"frames": len(frames), "frame_consistency": float(len(prompt)),
+                "textual_alignment": float(np.mean(np.stack(frames)))}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same suite on 2 torchrun ranks and on one process."""
+    """The same suite on 2 torchrun ranks and on one process (with CLIP stood in for)."""
     folder = tmp_path_factory.mktemp("suite")
     path = manifest(folder)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -67,7 +78,9 @@ def runs(tmp_path_factory):
                           "-m", "ei2.suite", str(path),
                           "--output_dir", str(folder / "two"), *FEW], capture_output=True, text=True, env=env,
                          timeout=600)
-    one = suite_main([str(path), "--output_dir", str(folder / "one"), "--no-progress", *FEW])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ei2.suite.run.Rank, "clip", lambda self, device: FakeClip())
+        one = suite_main([str(path), "--output_dir", str(folder / "one"), "--no-progress", *FEW])
     return folder, two, one
 
 
@@ -130,6 +143,20 @@ def test_bad_jobs_fail_alone_with_their_errors_and_the_tables_say_so(runs):
         table = (out / "summary.md").read_text()
         assert "| ei2 | colour | 1 |" in table and "| broken | ei2 | failed |" in table
     assert "missing video, job ei2/missing will fail" in two.stderr
+
+
+def test_clip_scores_reach_the_tables(runs):
+    folder, _, _ = runs
+    summary = json.loads((folder / "one/summary.json").read_text())
+    assert summary["metrics"][:2] == ["frame_consistency", "textual_alignment"]
+    scored = [json.loads((folder / "one" / job / "metrics.json").read_text())["edits"][0] for job in GOOD]
+    assert scored[0]["frame_consistency"] == len("a blue circle moving right on a white background")
+    overall = summary["overall"]["ei2"]
+    for key in ("frame_consistency", "textual_alignment"):
+        assert overall[key] == pytest.approx((scored[0][key] + scored[1][key]) / 2), key
+    assert summary["by_kind"]["ei2"]["shape"]["textual_alignment"] == pytest.approx(scored[1]["textual_alignment"])
+    assert "CLIP textual alignment" in (folder / "one/summary.md").read_text()
+    assert "frame_consistency" not in json.loads((folder / "two/summary.json").read_text())["metrics"]  # no CLIP
 
 
 def test_rerun_skips_finished_jobs_and_redoes_an_interrupted_one(runs, capsys):
