@@ -142,11 +142,15 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
+        # the first folder this lock creates: removed again on exit when the run wrote nothing (it failed early)
+        self._created = next((p for p in [*reversed(self.folder.parents), self.folder] if not p.exists()), None)
         deadline = time.monotonic() + self.WAIT_S
         while True:
             try:
+                self.folder.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666 & ~umask())
+            except FileNotFoundError:
+                continue  # an empty folder removed meanwhile by a run that failed early: make it again
             except FileExistsError:
                 if self._refuse_or_take_over(time.monotonic() > deadline):
                     break
@@ -224,6 +228,14 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # after the unlink: a process waiting on this file then sees that it is gone
             self._fd = None
+        if self._created is not None:  # nothing half-made: the folders this lock created, if still empty
+            for p in [self.folder, *self.folder.parents]:
+                if p == self._created.parent:
+                    break
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
 
 
 def _flock(fd: int, block: bool) -> bool:
