@@ -251,6 +251,8 @@ TABLE = [
         "train": lambda c: c.train(video=c.bad_video()),
         "diagnose": lambda c: c.diagnose(video=c.bad_video()),
         "evaluate": lambda c: c.evaluate(video=c.bad_video())}, "could not read video"),
+    # 16-bit, 32-bit, float, palette, CMYK and LA frames are read, not refused (their values: tests/test_bad_values.py);
+    # the modes to_rgb refuses (integer grey beyond 16 bits, float grey outside [0, 1]) no PNG/JPEG/WebP frame can hold
     Row("unreadable frame", "frames/f0.png truncated", {
         "train": lambda c: c.train(video=c.frames("truncated")),
         "diagnose": lambda c: c.diagnose(video=c.frames("truncated")),
