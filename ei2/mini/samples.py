@@ -42,6 +42,11 @@ SAMPLE_STEPS = 50
 LOSS_TITLES = {"vae": "VAE (weighted L1 + L2 + KL)", "unet": "UNet (eps MSE)", "decoder": "VAE decoder tuning"}
 
 
+def latent_size(vae: AutoencoderKL) -> int:
+    """The latents' height and width: the VAE halves the image at each level but the last (8 for SD's 64 -> 8)."""
+    return vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def is_held_out(scene: world.Scene) -> bool:
     return any((o.color, o.shape, scene.background) in HELD_OUT for o in scene.objects)
 
@@ -68,7 +73,7 @@ def sample_captions(seed: int, n_seen: int = 24) -> tuple[list[str], list[str]]:
 def generate(unet: UNet, vae: AutoencoderKL, text: TextEncoder, captions: list[str], seed: int,
              steps: int = SAMPLE_STEPS, guidance: float = SAMPLE_GUIDANCE, batch: int = 32) -> np.ndarray:
     """uint8 images (len(captions), H, W, 3): DDIM with classifier-free guidance from seeded noise."""
-    h = vae.config.sample_size // 8
+    h = latent_size(vae)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(captions), 4, 1, h, h, generator=g)
     uncond = text.encode([""]).float()
@@ -156,7 +161,7 @@ def golden_inputs(h: int = world.SIZE // 8):
 @torch.no_grad()
 def golden_outputs(unet: UNet, vae: AutoencoderKL, text: TextEncoder) -> dict[str, torch.Tensor]:
     """The reference numbers the tests reproduce: eps at t=500, a 5-step DDIM sample (guidance 5) and its decode."""
-    x, noise, t = golden_inputs(vae.config.sample_size // 8)
+    x, noise, t = golden_inputs(latent_size(vae))
     ctx = text.encode([GOLDEN_CAPTION]).float()
     uncond = text.encode([""]).float()
     eps = unet(x, t, ctx)
