@@ -104,6 +104,7 @@ def test_tune_reedit_cancel_and_bad_upload_in_a_browser(server, page, tmp_path):
 
 def scenario(server, page, tmp_path):
     url, runs, proc = server
+    t0 = time.monotonic()
     upload(page, DEMO_CLIP)
     assert wait_text(page, "status", "clip ok").startswith("clip ok: ")
     for elem_id, value in (("steps", "4"), ("ddim-steps", "6")):
@@ -130,10 +131,12 @@ def scenario(server, page, tmp_path):
     if os.environ.get("EI2_APP_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["EI2_APP_SCREENSHOT"])
 
+    print(f"run done after {time.monotonic() - t0:.0f} s")
+
     # re-edit the run with a second prompt: a second video, listed in edits.json and in the gallery
     page.get_by_role("tab", name="Re-edit").click()
     page.locator("#reedit-prompt textarea").fill("a panda on the moon")
-    page.wait_for_function("document.querySelector('#reedit-vocab').innerText.includes(\"'panda', 'moon'\")")
+    page.wait_for_function("document.querySelector('#reedit-vocab').innerText.includes(\"'panda', 'the', 'moon'\")")
     assert "the words it knows: and, on, background, red" in page.locator("#reedit-vocab").inner_text()
     page.locator("#reedit-prompt textarea").fill(REEDIT)
     page.locator("#reedit-guidance input").fill("5")
@@ -147,18 +150,22 @@ def scenario(server, page, tmp_path):
     page.wait_for_function("([a, b]) => [...document.querySelectorAll('#gallery img')].map(i => i.alt).join('|') "
                            "=== a + '|' + b", arg=[EDIT, REEDIT])
 
+    print(f"re-edit done after {time.monotonic() - t0:.0f} s")
+
     # cancel: tuning stops after the step in progress with a resumable checkpoint
     page.get_by_role("tab", name="Tune").click()
     page.locator("#steps input").fill("500")
-    page.locator("#run-name input").fill("cancelled")
+    page.locator("#run-name textarea").fill("cancelled")
     page.click("#run")
-    wait_text(page, "status", "tuning: step ")
+    wait_text(page, "status", "/500")  # this run's tuning has started
     page.click("#cancel")
     status = wait_text(page, "status", "cancelled: ")
     last = status.splitlines()[-1]
     assert last.startswith("cancelled: stopped at step ") and "--resume" in last, status
     step = int(read_tuned_metadata(runs / "cancelled" / "checkpoints" / "last.safetensors")["step"])
     assert 1 <= step < 500 and f"step {step} of 500" in last
+
+    print(f"cancel done after {time.monotonic() - t0:.0f} s")
 
     # a bad upload: the one-line error, and the server still serves the next upload
     bad = tmp_path / "broken.gif"

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ei2 import train
+from ei2 import cache, train
 from ei2.app import jobs
 from ei2.app.uploads import store_upload
 from ei2.config import load_config
 from ei2.errors import Ei2Error, cli_main
 from ei2.mini.parse import SCORES
+from ei2.pipeline import load_models
 from ei2.tuned import read_tuned_metadata
 from ei2.unet import VARIANTS
 from ei2.video import read_frames
@@ -148,20 +149,22 @@ def test_no_zip_frames_is_one_line(tmp_path):
         store_upload(archive, tmp_path / "runs")
 
 
-def test_worker_runs_ei2s_job_reedits_on_the_cached_models_and_cancels(tmp_path):
+def test_worker_runs_ei2s_job_reedits_on_the_cached_models_and_cancels(tmp_path, monkeypatch):
+    loads = []  # every base-model load, whichever cache or path makes it
+    monkeypatch.setattr(cache, "load_models", lambda *a, **k: loads.append(a[0]) or load_models(*a, **k))
     worker = jobs.Worker()
     cfg = jobs.to_config(settings(n_frames=4, steps=2, ddim_steps=2, name="w"), tmp_path)
     events = list(worker.train(cfg))
     phases = [e["phase"] for e in events]
     assert phases == ["load", "encode", "tune", "tune", "tune", "invert", "edit", "write", "done"], events
     run = tmp_path / "w"
-    assert events[-1]["run_dir"] == str(run.resolve()) and worker.cache.loads == 1
+    assert events[-1]["run_dir"] == str(run.resolve()) and loads == [cfg.model]
     listed = json.loads((run / "edits.json").read_text())
     assert events[6]["scores"] == listed[0]["mini_metrics"] and events[6]["video"] == str(run / listed[0]["mp4"])
     assert jobs.finished_runs(tmp_path) == [str(run)]
 
     new = list(worker.edit(run, "a green star moving right on a white background", 3.0, steps=2))
-    assert [e["phase"] for e in new] == ["load", "edit", "done"] and worker.cache.loads == 1  # no second load
+    assert [e["phase"] for e in new] == ["load", "edit", "done"] and loads == [cfg.model]  # no second load
     assert [(e["prompt"][:7], e["guidance"]) for e in jobs.run_edits(run)] == [("a blue ", 7.5), ("a green", 3.0)]
     assert new[1]["video"] == jobs.run_edits(run)[1]["mp4"]
 

@@ -179,8 +179,14 @@ def build(runs: str | Path) -> gr.Blocks:
         preset.change(on_preset, preset, [n_frames, stride, size, steps, lr, ddim, guidance, model])
         for box in (caption, prompts, model):
             box.change(lambda m, c, p: vocabulary_text(m, c, p), [model, caption, prompts], vocab)
-        re_prompt.change(lambda r, p: vocabulary_text(load_config(Path(r) / "config.yaml").model, p)
-                         if r and (Path(r) / "config.yaml").is_file() else "", [run_list, re_prompt], re_vocab)
+        def re_vocabulary(run_dir, prompt, tune_model):
+            try:  # the run's model; the Tune tab's before a run is picked
+                return vocabulary_text(load_config(Path(run_dir) / "config.yaml").model if run_dir else tune_model,
+                                       prompt)
+            except Ei2Error:
+                return ""
+
+        re_prompt.change(re_vocabulary, [run_list, re_prompt, model], re_vocab)
         run.click(on_run, settings + [resume], [status, source, edited, comparison, grid, metrics, run_list],
                   **DEVICE)
         cancel.click(on_cancel, None, status, queue=False)  # not queued behind the job it stops
