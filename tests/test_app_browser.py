@@ -40,7 +40,9 @@ def server(tmp_path_factory):
     """The app on a free local port, its runs in a temporary folder; (url, runs folder, process)."""
     runs = tmp_path_factory.mktemp("runs")
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or "1", "PYTHONUNBUFFERED": "1",
+           # the ei2 of this checkout (not whichever the editable install points at)
+           "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     proc = subprocess.Popen([sys.executable, "-m", "ei2.app", "--port", str(port), "--runs", str(runs)], cwd=runs,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
