@@ -28,7 +28,7 @@ from .config import add_help, load_config, save_config
 from .errors import Ei2Error, cli_main
 from .files import RunLock, check_writable_dir, clean_stale_temp_files, slug, write_json
 from .mini import world
-from .mini.parse import SCORES, clip_metrics, structure_fidelity, temporal_consistency
+from .mini.parse import IDEAL_SCORES, SCORES, clip_metrics, edit_scores, structure_fidelity, temporal_consistency
 from .pipeline import (MAX_SKIPS, NonFiniteGradients, NonFiniteLoss, Phase, Stopped, all_finite, encode_video,
                        invert, make_optimizer, render, resolve_device, resolve_precision, to_video, tune_steps,
                        versions)
@@ -230,15 +230,16 @@ def mini_scores(video, prompt: str, source, caption: str) -> tuple[dict, str | N
     need no text), a caption outside it the edited/kept ones; any other failure leaves every score None."""
     outside = [name for name, text in (("edit prompt", prompt), ("caption", caption)) if not _in_grammar(text)]
     try:
+        if not outside:  # in the grammar: also scored against the ideal edit (parse.ideal_edit)
+            return edit_scores(video, prompt, source, caption), None
         if "edit prompt" not in outside:
-            m = clip_metrics(video, prompt, source_frames=source, source_prompt=None if outside else caption)
+            m = clip_metrics(video, prompt, source_frames=source, source_prompt=None)
         else:
             m = {"fidelity": structure_fidelity(video, source), "consistency": temporal_consistency(video)}
     except Exception as e:  # a scoring bug must not cost the user the run's outputs
-        return dict.fromkeys(SCORES), f"not scored ({type(e).__name__}: {str(e)[:200]})"
+        return dict.fromkeys([*SCORES, *IDEAL_SCORES]), f"not scored ({type(e).__name__}: {str(e)[:200]})"
     scores = {name: m.get(section, {}).get(key) for name, (section, key) in SCORES.items()}
-    if not outside:
-        return scores, None
+    scores |= dict.fromkeys(IDEAL_SCORES)  # the ideal edit needs both texts in the grammar
     missing = ", ".join(k for k, v in scores.items() if v is None)
     return scores, (f"the {' and the '.join(outside)} {'are' if len(outside) > 1 else 'is'} outside the miniature "
                     "world's grammar ('a <color> <shape> [motion] on a <background> background', docs/mini.md), so "
@@ -297,12 +298,14 @@ def summary(out: Path, cfg) -> str:
              f"{out} --prompt \"...\")"]
     for e in json.loads((out / "edits.json").read_text()):
         if "mini_metrics" in e:
-            m = {k: "-" if v is None else f"{v:.{1 if k == 'trajectory_error_px' else 2}f}"
+            m = {k: "-" if v is None else f"{v:.{1 if k.endswith('_px') else 2}f}"
                  for k, v in e["mini_metrics"].items()}
             lines.append(f"  exact metrics of {e['prompt']!r} (fraction of frames; docs/mini.md): edited attribute "
                          f"{m['edited_attribute_match']}, kept attributes {m['kept_attributes_match']}, "
-                         f"mask IoU vs source {m['mask_iou_vs_source']}, "
-                         f"trajectory error {m['trajectory_error_px']} px, stability {m['attribute_stability']}"
+                         f"vs the ideal edit: mask IoU {m.get('mask_iou_vs_ideal', '-')}, trajectory error "
+                         f"{m.get('trajectory_error_vs_ideal_px', '-')} px; vs the source: mask IoU "
+                         f"{m['mask_iou_vs_source']}, {m['trajectory_error_px']} px; "
+                         f"stability {m['attribute_stability']}"
                          + (" (- : not scored, see mini_skipped in edits.json)" if "mini_skipped" in e else ""))
     if Path(cfg.model).resolve() != (REPO / "weights/stable-diffusion-v1-4").resolve():
         lines.append("real model: put Stable Diffusion v1-4 in weights/stable-diffusion-v1-4 (weights/README.md), then "

@@ -32,6 +32,9 @@ def test_demo_config_end_to_end(tmp_path, monkeypatch, capsys):
     assert iio.imread(out / "comparison.png").shape[1] == cfg.n_frames * cfg.size
     metrics = edits[0]["mini_metrics"]
     assert 0.0 <= metrics["edited_attribute_match"] <= 1.0 and metrics["trajectory_error_px"] >= 0
+    # the demo's edit is scored against the ideal edit (parse.ideal_edit: the source's path, the prompt's attributes)
+    assert 0.0 <= metrics["mask_iou_vs_ideal"] <= 1.0 and metrics["trajectory_error_vs_ideal_px"] >= 0
+    assert "vs the ideal edit: mask IoU" in printed
 
 
 def test_diagnose_compare_on_demo_model(tmp_path):

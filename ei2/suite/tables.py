@@ -1,6 +1,6 @@
 """The suite's results, read from the jobs' markers (done.json / failed.json) and written as summary.md and
 summary.json in the suite's output_dir, after every job and at the end: per method a row per edit kind and an
-overall row (mean over edits of the miniature world's exact metrics, ei2.mini.parse.SCORES, and of CLIP frame
+overall row (mean over edits of the miniature world's exact metrics, ei2.mini.parse.SCORES and IDEAL_SCORES, and of CLIP frame
 consistency and textual alignment, ei2.evaluate's protocol, where CLIP weights were present), and a row per job (its
 status, one-line error, time and peak memory)."""
 
@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 
 from ..files import atomic_path, write_json
-from ..mini.parse import SCORES
+from ..mini.parse import IDEAL_SCORES, SCORES
 
 CLIP = ("frame_consistency", "textual_alignment")
 NAMES = {"frame_consistency": "CLIP frame consistency", "textual_alignment": "CLIP textual alignment",
          "edited_attribute_match": "edited attr", "kept_attributes_match": "kept attrs",
          "all_attributes_match": "all attrs", "mask_iou_vs_source": "mask IoU", "trajectory_error_px": "traj. px",
-         "attribute_stability": "stability", "background_change": "bg change"}
+         "attribute_stability": "stability", "background_change": "bg change",
+         "mask_iou_vs_ideal": "IoU vs ideal", "trajectory_error_vs_ideal_px": "traj. vs ideal px"}
 
 
 def job_record(job) -> dict:
@@ -54,8 +55,8 @@ def summarize(suite) -> dict:
     """Everything the tables show, as JSON."""
     records = [job_record(job) for job in suite.jobs]
     done = [r for r in records if r.get("status") == "done"]
-    metrics = [m for m in (*CLIP, *SCORES) if any(edit_values(e).get(m) is not None
-                                                   for r in done for e in r.get("edits", []))]
+    metrics = [m for m in (*CLIP, *SCORES, *IDEAL_SCORES)
+               if any(edit_values(e).get(m) is not None for r in done for e in r.get("edits", []))]
     methods = list(dict.fromkeys(job.method for job in suite.jobs))
     kinds = list(dict.fromkeys(k for job in suite.jobs for k in job.kinds))
     overall, by_kind = {}, {}
