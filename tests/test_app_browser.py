@@ -166,6 +166,14 @@ def scenario(server, page, tmp_path):
     assert last.startswith("cancelled: stopped at step ") and "--resume" in last, status
     step = int(read_tuned_metadata(runs / "cancelled" / "checkpoints" / "last.safetensors")["step"])
     assert 1 <= step < 500 and f"step {step} of 500" in last
+    # ... and the page resumes it (here to the step it reached: inversion and the edit follow)
+    page.locator("#steps input").fill(str(step))
+    page.get_by_label("resume the interrupted run of this name").check()
+    page.click("#run")
+    status = wait_text(page, "status", "done: ")
+    assert status.splitlines()[-1] == f"done: {runs / 'cancelled'}", status
+    log = json.loads((runs / "cancelled" / "log.json").read_text())
+    assert len(log["loss"]) == step and load_config(runs / "cancelled" / "config.yaml").steps == step
 
     print(f"cancel done after {time.monotonic() - t0:.0f} s")
 

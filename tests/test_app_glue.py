@@ -4,6 +4,8 @@ lines and metrics, uploads -> frames or one-line errors, and one Worker running 
 
 import dataclasses
 import json
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -181,3 +183,12 @@ def test_worker_runs_ei2s_job_reedits_on_the_cached_models_and_cancels(tmp_path,
     bad = list(worker.edit(tmp_path / "missing", "x", 7.5))
     assert bad == [{"phase": "error", "message": f"error: run folder not found: {tmp_path / 'missing'}; give --run "
                                                    "the output_dir of a `python -m ei2.train` run"}]
+
+
+def test_cli_without_the_app_extra_or_with_a_bad_port_is_one_line(tmp_path):
+    code = ("import sys; sys.modules['gradio'] = None; from ei2.app.__main__ import main; "
+            f"main(['--runs', {str(tmp_path)!r}, '--port', sys.argv[1]])")
+    for port, message in (("7860", 'error: the web page needs gradio: pip install -e ".[app]" (from the repository root)'),
+                          ("70000", "error: --port 70000 is not a port number (1..65535)")):
+        out = subprocess.run([sys.executable, "-c", code, port], capture_output=True, text=True, timeout=300)
+        assert (out.returncode, out.stderr.strip()) == (2, message)
