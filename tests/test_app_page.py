@@ -51,7 +51,7 @@ def test_vocabulary_note_is_the_warning():
 
 def test_a_second_job_waits_for_the_first():
     worker = jobs.Worker()
-    release, order = threading.Event(), []
+    release, order, seen = threading.Event(), [], []
 
     def first(on_event):
         on_event({"phase": "load"})
@@ -60,15 +60,16 @@ def test_a_second_job_waits_for_the_first():
 
     def second(on_event):
         order.append("second")
+        on_event({"phase": "done", "run_dir": "x"})
 
     one = worker._stream(first)
     assert next(one) == {"phase": "load"}
-    two = worker._stream(second)
-    assert next(two) == {"phase": "queued"}  # the device is busy: this one waits
-    threads = [threading.Thread(target=lambda g=g: list(g)) for g in (one, two)]
-    for t in threads:
-        t.start()
+    waiting = threading.Thread(target=lambda: seen.extend(worker._stream(second)), daemon=True)
+    waiting.start()
+    waiting.join(2)
+    assert seen == [{"phase": "queued"}] and order == []  # the device is busy: the second job waits
     release.set()
-    for t in threads:
-        t.join(30)
-    assert order == ["first", "second"] and not worker.lock.locked()
+    assert list(one) == [] and order[0] == "first"
+    waiting.join(30)
+    assert order == ["first", "second"] and seen[1:] == [{"phase": "done", "run_dir": "x"}]
+    assert not worker.lock.locked()
