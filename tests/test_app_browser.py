@@ -81,9 +81,9 @@ def text_of(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id} textarea").input_value()
 
 
-def wait_text(page, elem_id: str, needle: str) -> str:
+def wait_text(page, elem_id: str, needle: str, timeout: float = TIMEOUT) -> str:
     page.wait_for_function("([id, needle]) => (document.querySelector('#' + id + ' textarea') || {value: ''})"
-                           ".value.includes(needle)", arg=[elem_id, needle])
+                           ".value.includes(needle)", arg=[elem_id, needle], timeout=timeout)
     return text_of(page, elem_id)
 
 
@@ -181,7 +181,7 @@ def scenario(server, page, tmp_path):
     bad = tmp_path / "broken.gif"
     bad.write_bytes(b"GIF89a not really")
     upload(page, bad)
-    error = wait_text(page, "status", "error: ")
+    error = wait_text(page, "status", "error: ", timeout=60_000)  # no job: seconds
     assert error.startswith("error: could not read video broken.gif") and "\n" not in error, error
     upload(page, DEMO_CLIP)
     assert wait_text(page, "status", "clip ok").startswith("clip ok: ")
