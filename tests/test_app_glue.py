@@ -17,7 +17,7 @@ from ei2.app import jobs
 from ei2.app.uploads import store_upload
 from ei2.config import load_config
 from ei2.errors import Ei2Error, cli_main
-from ei2.mini.parse import SCORES
+from ei2.mini.parse import IDEAL_SCORES, SCORES
 from ei2.pipeline import load_models
 from ei2.tuned import read_tuned_metadata
 from ei2.unet import VARIANTS
@@ -105,6 +105,10 @@ def test_metrics_line_shows_every_score():
     assert jobs.metrics_line("p", scores) == (
         "'p': edited attribute match 1, kept attributes match 0.875, all attributes match -, mask iou vs source 0.212, "
         "trajectory error px 5.5, attribute stability 0.5, background change 4.16")
+    # an edit in the grammar is also scored against the ideal edit (ei2.mini.parse.IDEAL_SCORES): shown after them
+    ideal = dict(zip(IDEAL_SCORES, [0.625, 2.25]))
+    assert jobs.metrics_line("p", scores | ideal).endswith(
+        "background change 4.16, mask iou vs ideal 0.625, trajectory error vs ideal px 2.25")
 
 
 @pytest.mark.parametrize("name, content, message", [

@@ -18,7 +18,7 @@ from ..cache import ModelCache
 from ..config import TrainConfig, load_config, validate
 from ..edit import PARTS, edit
 from ..errors import Ei2Error, first_line, os_error_line
-from ..mini.parse import SCORES
+from ..mini.parse import IDEAL_SCORES, SCORES
 from ..unet import VARIANTS
 
 REPO = train.REPO
@@ -125,11 +125,12 @@ class ProgressLog:
 
 
 def metrics_line(prompt: str, scores: dict | None) -> str:
-    """The miniature world's exact metrics of one edit (ei2.mini.parse.SCORES), '-' for one not scored."""
+    """The miniature world's exact metrics of one edit (ei2.mini.parse.SCORES, then IDEAL_SCORES: IoU and trajectory
+    error against the ideal edit), '-' for one not scored."""
     if not scores:
         return f"{prompt!r}: not scored (score: none, or a model outside the miniature world)"
     shown = [f"{name.replace('_', ' ')} {'-' if scores.get(name) is None else f'{scores[name]:.3g}'}"
-             for name in SCORES]
+             for name in (*SCORES, *IDEAL_SCORES) if name in SCORES or name in scores]
     return f"{prompt!r}: " + ", ".join(shown)
 
 
