@@ -116,7 +116,10 @@ def test_smoke_tables(smoke):
     rows5 = tables[5]["rows"]
     assert rows5[T_INFER][1] == rows4["inversion + one edit"][1] and rows5[T_JOB][1] == rows4["whole job"][1]
     if data["meta"]["reference"]:
-        assert rows5[T_STEP][1] == tables[2]["rows"]["best ei2 vs diffusers base"][3]
+        # the same ratio: section 2 prints ratios to 3 decimals, section 5 its values to 4 significant digits
+        # (0.9604 there is 0.960 here; 1.044 is 1.044 in both)
+        assert float(rows5[T_STEP][1]) == pytest.approx(
+            float(tables[2]["rows"]["best ei2 vs diffusers base"][3]), abs=5e-4)
     assert rows5[T_JOB][2] == "60.00" and rows5[T_PEAK_GC][2] == "8192"
     pass_col = tables[5]["columns"].index("pass")
     assert {cells[pass_col] for cells in rows5.values()} == {"n/a"}
