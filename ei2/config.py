@@ -277,16 +277,21 @@ def _field_name(key: str, where: str) -> str:
     raise Ei2Error(f"unknown config key '{key}'; {hint}{f' ({where})' if where else ''}")
 
 
+def yaml_syntax_error(path: Path, e: yaml.YAMLError) -> Ei2Error:
+    """The one-line message of a YAML syntax error: the file, where the parser stopped, and its words."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return Ei2Error(f"YAML syntax error in {path}{where}: {problem}; fix that line")
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise Ei2Error(f"config file not found: {path}; give --config the path of an existing YAML file (examples in configs/)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise Ei2Error(f"YAML syntax error in {path}{where}: {problem}; fix that line") from None
+        raise yaml_syntax_error(path, e) from None
     except UnicodeDecodeError:
         raise Ei2Error(f"{path} is not a UTF-8 text file; pass a YAML config") from None
     if data is None:

@@ -195,3 +195,10 @@ def test_a_killed_job_leaves_no_marker_and_is_redone(tmp_path, monkeypatch, caps
     monkeypatch.setattr(ei2.suite.run.train, "run_locked", finishes)
     assert suite_main([str(path), "--output_dir", str(tmp_path / "out"), "--no-progress"]) == 0
     assert calls == [str(job)] and json.loads((job / "done.json").read_text())["status"] == "done"
+
+
+def test_a_yaml_syntax_error_names_its_line(tmp_path):
+    bad = tmp_path / "suite.yaml"
+    bad.write_text("jobs:\n  - name: a\n    caption: [unclosed\n")  # the flow sequence never closes
+    with pytest.raises(Ei2Error, match=r"YAML syntax error in .*suite.yaml at line 4, column 1: .*; fix that line"):
+        load_suite(bad)

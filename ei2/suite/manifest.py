@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from ..config import (FIELDS, RANGES, TrainConfig, _coerce, _field_name, _parse_cli, check_value, resolve_path,
-                      validate)
+                      validate, yaml_syntax_error)
 from ..errors import Ei2Error
 
 TOP_KEYS = ("output_dir", "video_root", "defaults", "methods", "jobs")
@@ -82,10 +82,7 @@ def read_yaml_lines(path: Path) -> tuple[object, dict[tuple, int]]:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise Ei2Error(f"YAML syntax error in {path}{where}: {problem}; fix that line") from None
+        raise yaml_syntax_error(path, e) from None
     except UnicodeDecodeError:
         raise Ei2Error(f"{path} is not a UTF-8 text file") from None
     lines: dict[tuple, int] = {}
