@@ -19,11 +19,8 @@ def cli_main(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except Ei2Error as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except OSError as e:
-            print(f"error: {os_error_line(e)}", file=sys.stderr)
+        except (Ei2Error, OSError) as e:
+            print(f"error: {user_error_line(e)}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
@@ -47,6 +44,16 @@ OS_ERRORS = {  # errno -> (what, fix)
     errno.ENFILE: ("too many open files in the system", "close other programs and run again"),
     errno.EIO: ("input/output error", "check the disk and run again"),
 }
+
+
+def user_error_line(e: BaseException) -> str | None:
+    """The one line (after `error: `) for a user's problem, as the CLIs, the suite and the web page show it: an
+    Ei2Error's message, an OSError's `<what> (<path>): <fix>`; None for anything else (a bug in ei2)."""
+    if isinstance(e, Ei2Error):
+        return str(e)
+    if isinstance(e, OSError):
+        return os_error_line(e)
+    return None
 
 
 def os_error_line(e: OSError) -> str:

@@ -64,8 +64,7 @@ def run(cfg, resume: bool = False, progress: bool = True, *, cache=None, on_even
     device, precision = check_job(cfg, out, resume)
     with RunLock(out):  # one run per folder at a time, for the whole run (also under --resume)
         clean_stale_temp_files(out)
-        return run_locked(cfg, out, resume, progress, device, precision, cache, on_event or (lambda event: None),
-                          stop)
+        return run_locked(cfg, out, resume, progress, device, precision, cache, on_event, stop)
 
 
 def run_locked(cfg, out: Path, resume: bool, progress: bool, device, precision, cache=None, on_event=None,

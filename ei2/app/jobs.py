@@ -17,7 +17,7 @@ from .. import train
 from ..cache import ModelCache
 from ..config import TrainConfig, load_config, validate
 from ..edit import PARTS, edit
-from ..errors import Ei2Error, first_line, os_error_line
+from ..errors import Ei2Error, first_line, user_error_line
 from ..mini.parse import IDEAL_SCORES, SCORES
 from ..unet import VARIANTS
 
@@ -136,10 +136,9 @@ def metrics_line(prompt: str, scores: dict | None) -> str:
 
 def error_line(e: BaseException) -> str:
     """The CLI's one-line message for an exception (`cli_main`'s wording); anything else: its first line."""
-    if isinstance(e, Ei2Error):
-        return f"error: {e}"
-    if isinstance(e, OSError):
-        return f"error: {os_error_line(e)}"
+    line = user_error_line(e)
+    if line is not None:
+        return f"error: {line}"
     return f"error: {type(e).__name__}: {first_line(e)} (a bug in ei2; the server log has the traceback)"
 
 

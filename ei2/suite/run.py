@@ -20,7 +20,7 @@ import torch
 
 from .. import train
 from ..cache import ModelCache
-from ..errors import Ei2Error, first_line, os_error_line
+from ..errors import Ei2Error, first_line, user_error_line
 from ..evaluate import ClipScorer, evaluate_run, missing_clip_files
 from ..files import RunLock, check_writable_dir, clean_stale_temp_files, read_json, write_json
 from . import tables
@@ -168,10 +168,9 @@ class Rank:
 
 def one_line(e: BaseException, cfg) -> str:
     """A failure as one line: ei2's own message, the OSError table's, out of memory with its fix, else the type."""
-    if isinstance(e, Ei2Error):
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, OSError):
-        return os_error_line(e)
+    line = user_error_line(e)
+    if line is not None:
+        return line.splitlines()[0] if line else type(e).__name__
     if isinstance(e, torch.OutOfMemoryError):
         return train.out_of_memory(cfg)
     return f"{type(e).__name__}: {first_line(e)}"
