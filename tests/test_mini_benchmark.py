@@ -14,7 +14,7 @@ from ei2.mini.benchmark import COLUMNS, aggregate, main, sample_metrics, suite, 
 from ei2.mini.samples import HELD_OUT
 from ei2.unet import VARIANTS, UNet, UNetConfig, mark_trainable
 
-ROW_KEYS = {"method", "description", "by_edit"} | {k for k, *_ in COLUMNS}
+ROW_KEYS = {"method", "description", "by_edit", "by_scene"} | {k for k, *_ in COLUMNS}
 STAT_KEYS = {"mean", "std", "std_samples", "n", "n_seeds"}
 
 
@@ -45,6 +45,11 @@ def test_quick_writes_one_row_per_method(quick_run):
     assert results["samples"][0]["prompt"] == "a blue circle moving right on a white background"
     assert (quick_run / "grids" / "red-circle-right-on-white-color.png").is_file()
     assert (quick_run / "diagnose" / "diagnose.png").is_file() and not (quick_run / "diagnose-fig4").exists()
+    (pair,) = results["paired"]  # ei2 - tav on the one sample
+    assert (pair["a"], pair["b"]) == ("ei2", "tav")
+    ei2, tav = results["samples"]
+    for key in benchmark.PAIRED_KEYS:
+        assert pair[key]["mean"] == pytest.approx(ei2[key] - tav[key]) and pair[key]["n"] == 1
     report = json.loads((quick_run / "diagnose" / "diagnose.json").read_text())
     assert [v["label"] for v in report["variants"]] == ["tav", "ei2"]
 
@@ -88,23 +93,75 @@ def test_summarize_uses_runs_for_time_and_memory():
 
 
 def test_suite_edits_and_ideal_scores():
+    """Every edit changes exactly its kind (of its target object) and keeps the motion, the other object and the
+    background; no object lands on HELD_OUT; the ideal edit scores perfectly (one object: parse.clip_metrics, two:
+    suite_clips.two_object_metrics)."""
     clips = suite(len(benchmark.CLIPS), list(parse.ATTRIBUTES))
+    assert len(clips) == len(benchmark.CLIPS) >= benchmark.DEFAULT_CLIPS
+    assert {c["n_objects"] for c in clips[:benchmark.DEFAULT_CLIPS]} == {1, 2}
+    motions = {world.parse_caption(c["caption"])["motion"] for c in clips[:benchmark.DEFAULT_CLIPS]}
+    assert {"right", "orbiting", "growing"} <= motions  # translation, orbit, growth
     for clip in clips:
         src = world.parse_caption(clip["caption"])
-        assert (src["color"], src["shape"], src["background"]) not in HELD_OUT
+        assert len(src["objects"]) == clip["n_objects"] and len(clip["edits"]) == 3
+        assert all((c, s, src["background"]) not in HELD_OUT for c, s in src["objects"])
         for e in clip["edits"]:
             want = world.parse_caption(e["prompt"])
-            assert [a for a in parse.ATTRIBUTES if want[a] != src[a]] == [e["kind"]]
-            assert want["motion"] == src["motion"] and want["color"] != want["background"]
-            assert (want["color"], want["shape"], want["background"]) not in HELD_OUT
+            changed = [(a, j) for j, (w, o) in enumerate(zip(want["objects"], src["objects"]))
+                       for a, x, y in zip(("color", "shape"), w, o) if x != y]
+            if e["kind"] == "background":
+                assert not changed and want["background"] != src["background"]
+            else:
+                assert changed == [(e["kind"], e["target"])] and want["background"] == src["background"]
+            assert want["motion"] == src["motion"] and len(set(want["objects"])) == len(want["objects"])
+            assert all(c != want["background"] for c, _ in want["objects"])
+            assert all((c, s, want["background"]) not in HELD_OUT for c, s in want["objects"])
             m = sample_metrics(e["ideal"], e, clip["caption"])  # the ideal edit scores perfectly
             assert (m["align_edited"], m["align_kept"], m["consistency"]) == (1.0, 1.0, 1.0)
             assert m["iou"] == 1.0 and m["trajectory_px"] == 0.0 and m["bg_change"] < 0.1  # anti-aliased rims
 
 
+def test_paired_differences_by_hand():
+    """a - b per (clip, edit, seed); the untuned method has one seed and pairs with every seed; spread = std of the
+    per-seed mean differences; better/worse follow the key's direction (trajectory: lower is better)."""
+    def rec(method, seed, edit, align, traj):
+        return {"method": method, "clip": "c", "edit_name": edit, "seed": seed, "align_edited": align,
+                "trajectory_px": traj}
+    samples = [rec("ei2", 0, "color", 1.0, 2.0), rec("ei2", 0, "shape", 0.5, 4.0),
+               rec("ei2", 1, "color", 0.75, 3.0), rec("ei2", 1, "shape", 0.25, 1.0),
+               rec("tav", 0, "color", 0.5, 2.0), rec("tav", 0, "shape", 0.5, 5.0),
+               rec("tav", 1, "color", 1.0, 3.0), rec("tav", 1, "shape", 0.0, 2.0),
+               rec("untuned", 0, "color", 0.0, 10.0), rec("untuned", 0, "shape", 0.0, 10.0)]
+    d = benchmark.paired(samples, "ei2", "tav", "align_edited")  # diffs: seed 0: +0.5, 0; seed 1: -0.25, +0.25
+    assert d["mean"] == pytest.approx(0.125) and d["n"] == 4 and d["n_seeds"] == 2
+    assert d["std"] == pytest.approx(np.std([0.25, 0.0], ddof=1))
+    assert (d["better"], d["worse"]) == (2, 1)
+    t = benchmark.paired(samples, "ei2", "tav", "trajectory_px")  # diffs 0, -1, 0, -1: ei2 lower, so better
+    assert t["mean"] == pytest.approx(-0.5) and (t["better"], t["worse"]) == (2, 0)
+    u = benchmark.paired(samples, "ei2", "untuned", "align_edited")  # the floor pairs with both seeds
+    assert u["n"] == 4 and u["mean"] == pytest.approx(0.625) and u["n_seeds"] == 2
+    assert benchmark.paired(samples, "ei2", "sca_stam", "align_edited") is None
+
+
+def test_plan_counts_runs_and_seconds():
+    """The printed estimate: tuned methods run once per seed, the untuned one once; chart-only Fig. 4 variants are
+    tuned once; each diagnose chart is added."""
+    args = benchmark.resolve_args(benchmark.parser().parse_args(
+        ["--clips", "2", "--seeds", "0,1,2", "--methods", "ei2,untuned", "--steps", "10"]))
+    clips = suite(2, list(parse.ATTRIBUTES))
+    t = benchmark.SECONDS
+    base, edits = t["load"] + 25 * t["inversion_step"], 3 * 25 * t["edit_step"]
+    assert args.chart_only == ["tav", "sca_stam", *benchmark.FIG4_METHODS.split(",")]
+    expect = 2 * (3 * (base + edits + 10 * t["tuning_step"]) + base + edits) + 7 * (base + 10 * t["tuning_step"]) \
+        + 2 * t["diagnose"]
+    assert benchmark.plan(args, clips) == (2 * 4 + 7, pytest.approx(expect))
+    quick = benchmark.resolve_args(benchmark.parser().parse_args(["--quick"]))
+    assert quick.chart_only == [] and quick.clips == 1 and quick.method_list == ["ei2", "tav"]
+
+
 def test_fig4_layernorm_rows():
     """Fig. 4's "LayerNorm" row (`ta_ln`) tunes the temporal LayerNorm's affine with TA; "LayerNorm*" (`ta_ln_noaffine`)
-    has none; Tune-A-Video (`tav`) keeps it frozen. Both LayerNorm rows are in the default suite and the Fig. 4 chart."""
+    has none; Tune-A-Video (`tav`) keeps it frozen. Both LayerNorm rows are tuned for the Fig. 4 chart by default."""
 
     def tuned_norms(method):
         m = UNet(UNetConfig.tiny(), VARIANTS[method].video)
@@ -113,9 +170,9 @@ def test_fig4_layernorm_rows():
 
     assert tuned_norms("ta_ln") == 5 * 2 * 32 + 11 * 2 * 64  # weight + bias of the 16 blocks' LayerNorms
     assert tuned_norms("tav") == tuned_norms("ta_ln_noaffine") == 0
-    defaults = benchmark.DEFAULT_METHODS.split(",")
-    for name in ("ta_ln", "ta_ln_noaffine"):
-        assert name in defaults and name in benchmark.DIAGNOSE_SETS["diagnose-fig4"]
+    chart_only = benchmark.resolve_args(benchmark.parser().parse_args([])).chart_only
+    for name in ("ta_ln", "ta_ln_noaffine"):  # tuned for the Fig. 4 chart by default
+        assert name in chart_only and name in benchmark.DIAGNOSE_SETS["diagnose-fig4"]
     assert "Fig. 4 LayerNorm)" in VARIANTS["ta_ln"].label
     assert "Fig. 4 LayerNorm*" in VARIANTS["ta_ln_noaffine"].label
 

@@ -8,7 +8,9 @@ Everything is a pure function of its arguments and a `numpy.random.Generator`, s
              "a red circle moving right on a white background"            (clip / motion phrase)
              "a red circle and a blue square on a black background"        (two objects)
     clip:    N_FRAMES (8) frames of one object in one of MOTIONS (translation left/right/up/down, bouncing, orbiting,
-             growing, shrinking); every frame is a full scene, the caption names the motion.
+             growing, shrinking); every frame is a full scene, the caption names the motion. A two-object clip
+             (make_two_object_clip) moves the first object and keeps the second still beside its path:
+             "a red circle moving right and a blue square on a white background".
 
 An object is given by its center (x, y) in pixels and its circumradius; squares are axis-aligned, triangles and stars
 point up. Scenes' edges are anti-aliased by 4x4 supersampling (a softer target for the tiny VAE); objects always lie
@@ -371,13 +373,51 @@ def make_clip(shape: str = "circle", color: str = "red", background: str = "whit
     return random_clip(np.random.default_rng(seed), n_frames, size, motion, shape, color, background)
 
 
-def edit_clip(clip: Clip, shape: str | None = None, color: str | None = None, background: str | None = None) -> Clip:
-    """The same motion (centers, radii) with some attributes replaced: the ideal result of an edit."""
+def edit_clip(clip: Clip, shape: str | None = None, color: str | None = None, background: str | None = None,
+              index: int = 0) -> Clip:
+    """The same motion (centers, radii) with some attributes replaced: the ideal result of an edit. shape and color
+    apply to object `index` (0: the first, the moving one; 1: a two-object clip's still second object)."""
+    if not 0 <= index < len(clip.frames[0].objects):
+        raise ValueError(f"object index {index} out of range for {len(clip.frames[0].objects)} object(s)")
     frames = tuple(
-        Scene(tuple(replace(o, shape=shape or o.shape, color=color or o.color) if i == 0 else o
+        Scene(tuple(replace(o, shape=shape or o.shape, color=color or o.color) if i == index else o
                     for i, o in enumerate(s.objects)), background or s.background)
         for s in clip.frames)
     return Clip(frames, clip.motion)
+
+
+TWO_OBJECT_SCALE = 0.7  # two-object scenes' radii, of one object's (as random_scene's two-object stills)
+
+
+def random_two_object_clip(rng: np.random.Generator, first: tuple[str, str], second: tuple[str, str],
+                           background: str, motion: str, n_frames: int = N_FRAMES, size: int = SIZE) -> Clip:
+    """Two objects over n frames: the first, (color, shape), in `motion`; the second still, never overlapping the
+    first in any frame (2 px apart at least); radii TWO_OBJECT_SCALE of one-object clips'. The caption names the
+    first object's motion: "a red circle moving right and a blue square on a white background"."""
+    if background in (first[0], second[0]):
+        raise ValueError(f"an object's color equals the background {background!r}")
+    if first == second:
+        raise ValueError(f"the two objects must differ in color or shape, got {first} twice")
+    scale = size / 64 * TWO_OBJECT_SCALE
+    for _ in range(1000):
+        r1 = float(rng.uniform(14.0, 20.0) if motion in ("growing", "shrinking") else
+                   rng.uniform(RADIUS_RANGE[0], 18.0)) * scale
+        centers, radii = trajectory(motion, rng, r1, n_frames, size)
+        r2 = float(rng.uniform(RADIUS_RANGE[0], 18.0)) * scale
+        c2 = (float(rng.uniform(r2 + 1, size - r2 - 1)), float(rng.uniform(r2 + 1, size - r2 - 1)))
+        if all(math.dist(c, c2) >= rr + r2 + 2 for c, rr in zip(centers, radii)):
+            still = Obj(second[1], second[0], c2, r2)
+            frames = tuple(Scene((Obj(first[1], first[0], c, rr), still), background)
+                           for c, rr in zip(centers, radii))
+            return Clip(frames, motion)
+    raise RuntimeError(f"could not place a still object beside a {motion} path")  # pragma: no cover
+
+
+def make_two_object_clip(first: tuple[str, str] = ("red", "circle"), second: tuple[str, str] = ("blue", "square"),
+                         background: str = "white", motion: str = "right", seed: int = 0,
+                         n_frames: int = N_FRAMES, size: int = SIZE) -> Clip:
+    """A named two-object clip (see random_two_object_clip); the seed draws radii, path and the still one's place."""
+    return random_two_object_clip(np.random.default_rng(seed), first, second, background, motion, n_frames, size)
 
 
 def training_example(rng: np.random.Generator, size: int = SIZE, p_two: float = 0.0) -> tuple[Scene, str]:
