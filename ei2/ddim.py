@@ -33,6 +33,43 @@ def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def snr_shifted(alphas: Tensor, shift: float) -> Tensor:
+    """The schedule whose signal-to-noise ratio is `shift` times that of `alphas` at every t:
+    SNR(t) = a_t / (1 - a_t), SNR'(t) = shift * SNR(t)  =>  a'_t = shift a_t / (1 - a_t + shift a_t).
+
+    Why (issue 13; Hoogeboom et al. 2023, "simple diffusion", Sec. 3.1; Chen 2023, "On the importance of noise
+    scheduling"): averaging k x k latent pixels divides the noise's std by k, so at the same t a 64x64 latent (SD at
+    512 px) keeps an object's layout at (64/d)^2 times the SNR that a d x d latent does. A small model with SD's
+    schedule loses the layout at a t where SD still has it; shift = (64/d)^2 puts both at the same layout SNR."""
+    return shift * alphas / (1 - alphas + shift * alphas)
+
+
+def betas_of(alphas: Tensor) -> Tensor:
+    """beta_t = 1 - a_t / a_{t-1} (a_{-1} = 1): the per-step betas whose cumulative product is `alphas`, the form
+    diffusers' scheduler_config.json stores a non-standard schedule in (`trained_betas`)."""
+    return 1 - alphas / torch.cat([alphas.new_ones(1), alphas[:-1]])
+
+
+def schedule(config: dict) -> Tensor:
+    """alpha_t from a diffusers DDIMScheduler config (a model folder's scheduler/scheduler_config.json), as diffusers
+    computes it in float32: `trained_betas` when given, else SD's "scaled_linear" from beta_start and beta_end. The
+    rest must be SD v1's DDIM settings, which `timesteps`, `sample` and `invert` implement (ValueError otherwise)."""
+    sd = {"num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1,
+          "clip_sample": False, "timestep_spacing": "leading"}
+    for key, value in sd.items():
+        if config.get(key, value) != value:
+            raise ValueError(f"{key} is {config[key]!r}; ei2's DDIM implements SD v1's {value!r}")
+    if config.get("trained_betas") is not None:
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+        if betas.shape != (1000,):
+            raise ValueError(f"trained_betas has {betas.numel()} values, expected 1000")
+        return torch.cumprod(1.0 - betas, dim=0)
+    if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise ValueError(f"beta_schedule is {config['beta_schedule']!r}; ei2 implements SD's 'scaled_linear' "
+                         "(or explicit trained_betas)")
+    return alphas_cumprod(1000, config.get("beta_start", 0.00085), config.get("beta_end", 0.012))
+
+
 def timesteps(num_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> Tensor:
     """The sampling timesteps, descending, with "leading" spacing (the sub-sequence tau of DDIM section 4.2).
 
@@ -124,18 +161,19 @@ def _eps(model, x: Tensor, t: Tensor, context: Tensor, uncond_context: Tensor | 
 @torch.no_grad()
 def sample(model, latents: Tensor, context: Tensor, uncond_context: Tensor | None = None, num_steps: int = 50,
            guidance: float = 7.5, eta: float = 0.0, generator: torch.Generator | None = None,
-           progress: bool = False) -> Tensor:
+           progress: bool = False, alphas: Tensor | None = None) -> Tensor:
     """Classifier-free guided DDIM sampling from x_T = `latents` down to x_0 (the reverse process, EI² Eq. 1, with
     DDIM Eq. 12 as its step), SD v1-4 settings: `timesteps(num_steps)`, t_prev = t - 1000 // num_steps.
 
     With guidance != 1 the unconditional and conditional passes run as one model call on the batch
     cat([x, x]) with contexts cat([uncond_context, context]) (uncond_context of batch 1 is expanded). guidance == 1
-    runs the conditional model alone. context (and uncond_context) have the latents' batch size. Returns x_0 latents.
+    runs the conditional model alone. context (and uncond_context) have the latents' batch size. `alphas`: the model's
+    schedule (`schedule`; None: SD v1-4's). Returns x_0 latents.
     """
     if guidance != 1 and uncond_context is None:
         raise ValueError("guidance != 1 needs uncond_context (the empty-prompt embeddings); pass guidance=1 to sample "
                          "without classifier-free guidance")
-    alphas = _alphas_for(latents, None)
+    alphas = _alphas_for(latents, alphas)
     ts = timesteps(num_steps)
     ratio = 1000 // num_steps
     ts_device = ts.to(latents.device)  # one copy; ts_device[i] is the 0-d tensor handed to the model
@@ -148,7 +186,7 @@ def sample(model, latents: Tensor, context: Tensor, uncond_context: Tensor | Non
 
 @torch.no_grad()
 def invert(model, latents: Tensor, context: Tensor, num_steps: int = 50, progress: bool = False,
-           return_all: bool = False):
+           return_all: bool = False, alphas: Tensor | None = None):
     """DDIM inversion x_0 -> x_T (the initial latent of EI² Eq. 1), with Tune-A-Video's semantics.
 
     Tune-A-Video's `ddim_inversion` / `next_step` (tuneavideo/util.py) runs the deterministic DDIM update (Eq. 12,
@@ -162,9 +200,10 @@ def invert(model, latents: Tensor, context: Tensor, num_steps: int = 50, progres
 
     It is exact only where eps does not depend on x: each step uses eps(x_t) where the exact inverse of the sampling
     step would need eps(x_{t+1}) (a first-order approximation). Returns x_T, or with return_all the list
-    [x_0, x_1, ..., x_T] of num_steps + 1 latents (Tune-A-Video's `ddim_inversion` return value).
+    [x_0, x_1, ..., x_T] of num_steps + 1 latents (Tune-A-Video's `ddim_inversion` return value). `alphas`: the
+    model's schedule (`schedule`; None: SD v1-4's).
     """
-    alphas = _alphas_for(latents, None)
+    alphas = _alphas_for(latents, alphas)
     ts = timesteps(num_steps).flip(0)
     ratio = 1000 // num_steps
     ts_device = ts.to(latents.device)

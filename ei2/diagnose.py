@@ -46,6 +46,7 @@ from .tuned import load_tuned_unet, read_tuned_metadata
 from .unet import VARIANTS, UNet
 from .vae import AutoencoderKL
 from .video import read_frames
+from .weights import read_schedule
 
 # --compare names a temporal module: the variant of ei2.unet.VARIANTS whose temporal fields it takes (its frame
 # attention comes from --frame-attention / --ratio). Fig. 4's "LayerNorm" row is `ln` (affine tuned), "LayerNorm*"
@@ -159,7 +160,7 @@ def build(subject: Subject, enc: Encoded, device: torch.device, precision: str) 
         unet = load_tuned_unet(subject.model, subject.tuned)
     else:
         unet = UNet.from_pretrained(subject.model, **subject.video_options)
-    return prepare_models(unet, enc.vae, enc.text, device, precision)
+    return prepare_models(unet, enc.vae, enc.text, device, precision, read_schedule(subject.model))
 
 
 def tune(models: Models, enc: Encoded, steps: int, lr: float, seed: int, progress: bool) -> list[float]:
@@ -175,13 +176,14 @@ def tune(models: Models, enc: Encoded, steps: int, lr: float, seed: int, progres
 
 @torch.no_grad()
 def probe(unet: nn.Module, enc: Encoded, timesteps: list[int], seed: int, device: torch.device, precision: str,
-          progress: bool, desc: str) -> list[dict]:
-    """Run the UNet on the clip noised to each timestep (one fixed noise) with hooks on; per-layer statistics."""
+          progress: bool, desc: str, alphas: torch.Tensor | None = None) -> list[dict]:
+    """Run the UNet on the clip noised to each timestep (one fixed noise; `alphas`: the model's schedule, None for
+    SD's) with hooks on; per-layer statistics."""
     noise = torch.randn(enc.latents.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     with TemporalProbe(unet) as p:
         for t in tqdm(timesteps, desc=desc, disable=not progress):
             p.tag = t
-            x_t = add_noise(enc.latents, noise, t)
+            x_t = add_noise(enc.latents, noise, t, alphas)
             with autocast(device, precision):
                 unet(x_t, torch.tensor(t, device=device), enc.context)
     return p.report()
@@ -221,9 +223,10 @@ def diagnose(subjects: list[Subject], timesteps: list[int], seed: int = 0, devic
         if tune_steps and not subject.tuned:
             losses = tune(models, enc, tune_steps, lr, seed, progress)
             subject.source = f"tuned here: {tune_steps} steps, lr {lr:g}"
-        unet = models.unet.eval().requires_grad_(False)
+        unet, alphas = models.unet.eval().requires_grad_(False), models.alphas
         del models
-        layers = probe(unet, enc, timesteps, seed, dev, precision, progress, desc=f"probe {subject.label}")
+        layers = probe(unet, enc, timesteps, seed, dev, precision, progress, desc=f"probe {subject.label}",
+                       alphas=alphas)
         variants.append({"label": subject.label, "description": subject.description, "source": subject.source,
                          "model": subject.model, "clip": dataclasses.asdict(subject.clip),
                          "video_options": dataclasses.asdict(unet.video), "tune_losses": losses,

@@ -29,7 +29,7 @@ from .errors import Ei2Error
 from .text import TextEncoder
 from .unet import UNet, VideoOptions, mark_trainable
 from .vae import AutoencoderKL
-from .weights import check_sd_folder
+from .weights import check_sd_folder, read_schedule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,6 +74,7 @@ class Models:
     text: TextEncoder
     device: torch.device
     precision: str
+    alphas: torch.Tensor | None = None  # the model's DDIM schedule alpha_t (weights.read_schedule); None: SD v1-4's
 
     def autocast(self):
         return autocast(self.device, self.precision)
@@ -94,7 +95,7 @@ def load_models(model: str, video: VideoOptions, device: torch.device, precision
     text = TextEncoder.from_pretrained(model, device=device, tokenizer=tokenizer)
     vae = AutoencoderKL.from_pretrained(model)  # fp32: prepare_models casts only the decoder to vae_dtype
     unet = UNet.from_pretrained(model, **dataclasses.asdict(video))
-    return prepare_models(unet, vae, text, device, precision)
+    return prepare_models(unet, vae, text, device, precision, read_schedule(model))
 
 
 def vae_dtype(precision: str) -> torch.dtype:
@@ -103,7 +104,8 @@ def vae_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def prepare_models(unet: UNet, vae: AutoencoderKL, text, device: torch.device, precision: str) -> Models:
+def prepare_models(unet: UNet, vae: AutoencoderKL, text, device: torch.device, precision: str,
+                   alphas: torch.Tensor | None = None) -> Models:
     """The job's set-up of loaded models: on the device, the VAE frozen with its encoder (and quant_conv) in fp32 and
     its decoder (and post_quant_conv) in `vae_dtype`, the paper's trainable set marked in the UNet, and under bf16/fp16
     its frozen weights stored in that dtype (`freeze_to_dtype_`).
@@ -119,7 +121,7 @@ def prepare_models(unet: UNet, vae: AutoencoderKL, text, device: torch.device, p
     mark_trainable(unet)
     if precision != "fp32":
         freeze_to_dtype_(unet, DTYPES[precision])
-    return Models(unet, vae, text, device, precision)
+    return Models(unet, vae, text, device, precision, alphas)
 
 
 @torch.no_grad()
@@ -233,7 +235,7 @@ def tune_steps(models: Models, posterior, context: torch.Tensor, optimizer, gene
     unet, device = models.unet, models.device
     params = [p for p in unet.parameters() if p.requires_grad]
     scale = models.vae.config.scaling_factor
-    alphas = ddim.alphas_cumprod().to(device)
+    alphas = (ddim.alphas_cumprod() if models.alphas is None else models.alphas).to(device)
     skipped = [] if skipped is None else skipped
     streak = skip_streak(skipped, start)
     pending: list[torch.Tensor] = []
@@ -298,7 +300,7 @@ def invert(models: Models, posterior, num_steps: int, progress: bool = True) -> 
     x0 = to_video(posterior.mean.float() * models.vae.config.scaling_factor)
     empty = models.text.encode([""])
     with models.autocast():
-        return ddim.invert(models.unet, x0, empty, num_steps=num_steps, progress=progress).float()
+        return ddim.invert(models.unet, x0, empty, num_steps=num_steps, progress=progress, alphas=models.alphas).float()
 
 
 @torch.no_grad()
@@ -309,7 +311,7 @@ def render(models: Models, x_T: torch.Tensor, prompt: str, guidance: float, num_
     uncond = models.text.encode([""])
     with models.autocast():
         latent = ddim.sample(models.unet, x_T.to(models.device), context, uncond_context=uncond, num_steps=num_steps,
-                             guidance=guidance, progress=progress)
+                             guidance=guidance, progress=progress, alphas=models.alphas)
     return decode(models, to_frames(latent.float()))
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import ddim
 from .errors import Ei2Error, first_line
 from .files import atomic_path, read_json
 
@@ -139,6 +140,19 @@ def check_sd_folder(path: str | os.PathLike, parts: tuple[str, ...] = SD_PARTS) 
     if missing:
         raise Ei2Error(f"incomplete model folder {root}: missing {', '.join(missing)}; see weights/README.md for "
                        "what goes where and how to download it")
+
+
+def read_schedule(path: str | os.PathLike) -> torch.Tensor | None:
+    """The model's DDIM schedule alpha_t (ddim.schedule) from <folder>/scheduler/scheduler_config.json; None (SD v1-4's
+    schedule) for a single checkpoint file or a folder without that file. The miniature models store a shifted
+    schedule there (issue 13); SD v1-4's own file gives SD's numbers."""
+    file = Path(path) / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        return None
+    try:
+        return ddim.schedule(read_json(file))
+    except (ValueError, TypeError) as e:
+        raise Ei2Error(f"{file}: {first_line(e)}; use Stable Diffusion v1-4's scheduler_config.json") from None
 
 
 class Component:

@@ -31,7 +31,7 @@ def test_the_shipped_configs_are_the_8x_ones():
     assert pretrain.configs(8) == (pretrain.VAE_CONFIG, pretrain.UNET_CONFIG)
     vae4, unet4 = pretrain.configs(4)
     assert vae4.block_out_channels == pretrain.VAE_CONFIG.block_out_channels[:-1]
-    assert unet4.block_out_channels == pretrain.UNET_CONFIG.block_out_channels and unet4.sample_size == 16
+    assert unet4.block_out_channels == (32, 64, 64) and unet4.sample_size == 16  # half width: the demo's 90 s
     with pytest.raises(Ei2Error, match="--downsample must be one of 8, 4"):
         pretrain.configs(2)
     assert pretrain.parse_args(["--downsample", "4"]).downsample == 4

@@ -49,6 +49,7 @@ class Mutation:
     what: str = ""
 
 
+SCH = "tests/test_schedule.py::"
 MUTATIONS = [
     # --- Eq. 6: Instance Centering
     Mutation("ic_axis_channels", "ei2/attention.py",
@@ -257,6 +258,34 @@ MUTATIONS = [
              [("or (temporal_norm and \".norm_temp.\" in name))", "or (False and \".norm_temp.\" in name))")],
              [MOD + "test_trainable_set_with_the_temporal_norm"],
              "the option temporal_norm_trainable adds nothing to the trainable set"),
+    # --- the model's DDIM schedule (issue 13): SNR'(t) = shift SNR(t), read from the folder, used by every step
+    Mutation("snr_shift_wrong", "ei2/ddim.py",
+             [("return shift * alphas / (1 - alphas + shift * alphas)", "return shift * alphas / (1 + shift * alphas)")],
+             [SCH + "test_snr_shifted_multiplies_the_snr_at_every_t"], "the shifted alpha misses the 1 - a term"),
+    Mutation("betas_off_by_one", "ei2/ddim.py",
+             [("return 1 - alphas / torch.cat([alphas.new_ones(1), alphas[:-1]])", "return 1 - alphas[1:] / alphas[:-1]")],
+             [SCH + "test_betas_of_inverts_the_cumulative_product"], "betas lose the first step"),
+    Mutation("trained_betas_ignored", "ei2/ddim.py",
+             [('    if config.get("trained_betas") is not None:', '    if False:')],
+             [SCH + "test_schedule_equals_diffusers_from_the_same_config"], "a stored schedule is read as SD's"),
+    Mutation("prediction_type_unchecked", "ei2/ddim.py",
+             [('sd = {"num_train_timesteps": 1000, "prediction_type": "epsilon", ',
+               'sd = {"num_train_timesteps": 1000, ')],
+             [SCH + "test_read_schedule_refuses_what_ei2_does_not_implement"], "v-prediction models accepted"),
+    Mutation("folder_schedule_ignored", "ei2/weights.py",
+             [("        return ddim.schedule(read_json(file))", "        return None")],
+             [SCH + "test_read_schedule_from_a_model_folder", SCH + "test_the_job_uses_the_model_folders_schedule"],
+             "the folder's schedule is not read"),
+    Mutation("inversion_with_sd_schedule", "ei2/pipeline.py",
+             [("progress=progress, alphas=models.alphas).float()", "progress=progress).float()")],
+             [SCH + "test_the_job_uses_the_model_folders_schedule"], "inversion ignores the model's schedule"),
+    Mutation("render_with_sd_schedule", "ei2/pipeline.py",
+             [("guidance=guidance, progress=progress, alphas=models.alphas)", "guidance=guidance, progress=progress)")],
+             [SCH + "test_the_job_uses_the_model_folders_schedule"], "rendering ignores the model's schedule"),
+    Mutation("tuning_with_sd_schedule", "ei2/pipeline.py",
+             [("alphas = (ddim.alphas_cumprod() if models.alphas is None else models.alphas).to(device)",
+               "alphas = ddim.alphas_cumprod().to(device)")],
+             [SCH + "test_the_job_uses_the_model_folders_schedule"], "tuning's x_t ignores the model's schedule"),
 ]
 
 

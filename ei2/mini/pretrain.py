@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..ddim import add_noise
+from ..ddim import add_noise, betas_of, schedule, snr_shifted
 from ..errors import Ei2Error, cli_main
 from ..files import atomic_path
 from ..text import TextEncoder
@@ -61,15 +61,18 @@ DOWNSAMPLE = (8, 4)  # --downsample: SD's 8x (the shipped model: 8x8 latents) or
 
 
 def configs(downsample: int = 8) -> tuple[VAEConfig, UNetConfig]:
-    """The VAE and UNet configs for a VAE that downsamples 8x (VAE_CONFIG, UNET_CONFIG: the shipped model) or 4x (one
-    level fewer: 64 px frames <-> 16x16x4 latents, the UNet the same at 16x16 -> 8x8 -> 4x4; a UNet step costs about
-    4x, measured 8.2 s against 2.0 s for a batch of 64 on a shared 2-core CPU)."""
+    """The VAE and UNet configs for a VAE that downsamples 8x (VAE_CONFIG, UNET_CONFIG) or 4x (one level fewer: 64 px
+    frames <-> 16x16x4 latents; issue 13). At 16x16 the UNet is half as wide, (32, 64, 64), 16x16 -> 8x8 -> 4x4: at the
+    full width a step costs 3.3x the 8x8 one (4.49 s against 1.35 s for a batch of 64, one idle core) and the demo's
+    100 video tuning steps would not fit its 90 s; half width costs 1.6x (2.15 s; a video tuning step 471 ms against
+    242 ms)."""
     if downsample not in DOWNSAMPLE:
         raise Ei2Error(f"--downsample must be one of {', '.join(map(str, DOWNSAMPLE))}, got {downsample}")
     if downsample == 8:
         return VAE_CONFIG, UNET_CONFIG
     return (replace(VAE_CONFIG, block_out_channels=VAE_CONFIG.block_out_channels[:-1]),
-            replace(UNET_CONFIG, sample_size=world.SIZE // downsample))
+            replace(UNET_CONFIG, sample_size=world.SIZE // downsample, block_out_channels=(32, 64, 64),
+                    norm_num_groups=8))
 
 SCHEDULER_CONFIG = {  # SD v1-4's numbers (ei2.ddim implements them); DDIM is what ei2 samples and inverts with
     "_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1", "num_train_timesteps": 1000,
@@ -169,7 +172,7 @@ def train_vae(args, out: Path, device, frozen_encoder: AutoencoderKL | None = No
         print(f"{phase}: resuming at step {start}", flush=True)
     t0, acc = time.time(), []
     for step in range(start, steps):
-        scenes = [world.training_example(rng)[0] for _ in range(args.vae_batch)]
+        scenes = [world.training_example(rng, p_two=args.p_two)[0] for _ in range(args.vae_batch)]
         images = np.stack([world.render(s) for s in scenes])
         bg = np.stack([np.asarray(world.BACKGROUNDS[s.background], dtype=np.uint8) for s in scenes])
         fg = torch.from_numpy((images != bg[:, None, None]).any(-1)).float()[:, None].to(device)
@@ -206,12 +209,12 @@ def train_vae(args, out: Path, device, frozen_encoder: AutoencoderKL | None = No
 
 
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, n: int, seed: int, batch: int = 128):
+def encode_dataset(vae: AutoencoderKL, n: int, seed: int, batch: int = 128, p_two: float = 0.0):
     """Training images (no HELD_OUT combination), their posterior means and stds (unscaled), scenes and motions."""
     rng = np.random.default_rng(seed)
     scenes, motions = [], []
     while len(scenes) < n:
-        s, m = world.training_example(rng)
+        s, m = world.training_example(rng, p_two=p_two)
         if not is_held_out(s):
             scenes.append(s)
             motions.append(m)
@@ -249,6 +252,7 @@ def train_unet(args, out: Path, device, latents: torch.Tensor, stds: torch.Tenso
     if start:
         print(f"unet: resuming at step {start}", flush=True)
     embed = CaptionCache(text)
+    alphas = schedule(scheduler_config(args.snr_shift))  # SD's, or shifted for small latents (--snr-shift)
     n = latents.shape[0]
     t0, acc = time.time(), []
     for step in range(start, args.unet_steps):
@@ -261,7 +265,7 @@ def train_unet(args, out: Path, device, latents: torch.Tensor, stds: torch.Tenso
         x0 = latents[idx_t] + stds[idx_t] * torch.randn(latents[idx_t].shape, generator=gen)  # a fresh posterior sample
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, 1000, (args.unet_batch,), generator=gen)
-        xt = add_noise(x0, noise, t)
+        xt = add_noise(x0, noise, t, alphas)
         ctx = embed(captions)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.unet_lr, 200)
@@ -316,9 +320,18 @@ def save_unet(out: Path, unet: UNet) -> None:
     save_safetensors(_fp16(unet), out / "unet" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
 
 
-def save_pipeline_files(out: Path) -> None:
+def scheduler_config(snr_shift: float = 1.0) -> dict:
+    """SD v1-4's scheduler config; with snr_shift != 1 its schedule shifted to SNR'(t) = snr_shift * SNR(t)
+    (ei2.ddim.snr_shifted), stored as diffusers stores any other schedule: the 1000 `trained_betas`."""
+    if snr_shift == 1:
+        return SCHEDULER_CONFIG
+    betas = betas_of(snr_shifted(schedule(SCHEDULER_CONFIG).double(), snr_shift))
+    return SCHEDULER_CONFIG | {"trained_betas": [float(b) for b in betas], "snr_shift": snr_shift}
+
+
+def save_pipeline_files(out: Path, snr_shift: float = 1.0) -> None:
     _write_json(out / "model_index.json", MODEL_INDEX)
-    _write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    _write_json(out / "scheduler" / "scheduler_config.json", scheduler_config(snr_shift))
 
 
 def _write_log(out: Path, phase: str, entries: list) -> None:
@@ -338,6 +351,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--downsample", type=int, default=8, choices=DOWNSAMPLE,
                    help="the VAE's downsampling: 8 (SD's; 8x8 latents, the shipped model) or 4 (16x16 latents)")
+    p.add_argument("--p-two", type=float, default=0.0,
+                   help="fraction of two-object still scenes in the training images (0 for the 8x8 model)")
+    p.add_argument("--snr-shift", type=float, default=1.0,
+                   help="train and sample with SD's noise schedule shifted to SNR'(t) = shift * SNR(t): (64 / latent "
+                        "size)^2 hides a layout as SD does at 64x64 latents (16 for --downsample 4); 1 = SD's")
     p.add_argument("--vae-steps", type=int, default=2200)
     p.add_argument("--decoder-steps", type=int, default=1500,
                    help="decoder-only fine-tuning after the UNet (the encoder, hence the latents, stay fixed)")
@@ -374,7 +392,7 @@ def main(argv=None) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    save_pipeline_files(out)
+    save_pipeline_files(out, args.snr_shift)
     text = save_text(out, args.seed)
     timings = {}
     if args.skip_vae:
@@ -384,7 +402,7 @@ def main(argv=None) -> None:
         vae = train_vae(args, out, device)
         timings["vae_s"] = time.time() - t
     t = time.time()
-    means, stds, scenes, motions = encode_dataset(vae, args.n_latents, args.seed + 400)
+    means, stds, scenes, motions = encode_dataset(vae, args.n_latents, args.seed + 400, p_two=args.p_two)
     scale = 1.0 / float((means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(7))).std())
     vae.config.scaling_factor = float(f"{scale:.5f}")
     save_vae(out, vae)

@@ -21,7 +21,7 @@ from ..text import TextEncoder
 from ..unet import UNet
 from ..vae import AutoencoderKL
 from ..video import to_uint8
-from ..weights import save_safetensors
+from ..weights import read_schedule, save_safetensors
 from . import world
 from .parse import parse_frame
 
@@ -71,8 +71,10 @@ def sample_captions(seed: int, n_seen: int = 24) -> tuple[list[str], list[str]]:
 
 @torch.no_grad()
 def generate(unet: UNet, vae: AutoencoderKL, text: TextEncoder, captions: list[str], seed: int,
-             steps: int = SAMPLE_STEPS, guidance: float = SAMPLE_GUIDANCE, batch: int = 32) -> np.ndarray:
-    """uint8 images (len(captions), H, W, 3): DDIM with classifier-free guidance from seeded noise."""
+             steps: int = SAMPLE_STEPS, guidance: float = SAMPLE_GUIDANCE, batch: int = 32,
+             alphas: torch.Tensor | None = None) -> np.ndarray:
+    """uint8 images (len(captions), H, W, 3): DDIM with classifier-free guidance from seeded noise (`alphas`: the
+    model's schedule, weights.read_schedule; None: SD's)."""
     h = latent_size(vae)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(captions), 4, 1, h, h, generator=g)
@@ -80,7 +82,7 @@ def generate(unet: UNet, vae: AutoencoderKL, text: TextEncoder, captions: list[s
     out = []
     for i in range(0, len(captions), batch):
         ctx = text.encode(captions[i:i + batch]).float()
-        z = sample(unet, noise[i:i + batch], ctx, uncond, num_steps=steps, guidance=guidance)
+        z = sample(unet, noise[i:i + batch], ctx, uncond, num_steps=steps, guidance=guidance, alphas=alphas)
         out.append(to_uint8(vae.decode_latents(z[:, :, 0])))
     return np.concatenate(out)
 
@@ -123,11 +125,12 @@ def evaluate(out: Path, seed: int = 0, repeats: int = 4) -> dict:
     unet = UNet.from_pretrained(out, **IMAGE_OPTIONS).eval()
     vae = AutoencoderKL.from_pretrained(out)
     text = TextEncoder.from_pretrained(out)
+    alphas = read_schedule(out)
     seen, held = sample_captions(seed)
     result = {"guidance": SAMPLE_GUIDANCE, "steps": SAMPLE_STEPS}
     for name, caps in (("seen", seen), ("held_out", held)):
         caps_rep = [c for c in caps for _ in range(repeats)]
-        images = generate(unet, vae, text, caps_rep, seed=seed + (1 if name == "seen" else 2))
+        images = generate(unet, vae, text, caps_rep, seed=seed + (1 if name == "seen" else 2), alphas=alphas)
         result[name] = judge(images, caps_rep)
         grid_image(images[: 8 * 8] if name == "seen" else images, caps_rep[: 8 * 8] if name == "seen" else caps_rep,
                    cols=8).save(out / f"samples_{name}.png")
@@ -159,19 +162,21 @@ def golden_inputs(h: int = world.SIZE // 8):
 
 
 @torch.no_grad()
-def golden_outputs(unet: UNet, vae: AutoencoderKL, text: TextEncoder) -> dict[str, torch.Tensor]:
-    """The reference numbers the tests reproduce: eps at t=500, a 5-step DDIM sample (guidance 5) and its decode."""
+def golden_outputs(unet: UNet, vae: AutoencoderKL, text: TextEncoder,
+                   alphas: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The reference numbers the tests reproduce: eps at t=500, a 5-step DDIM sample (guidance 5, the model's
+    schedule `alphas`) and its decode."""
     x, noise, t = golden_inputs(latent_size(vae))
     ctx = text.encode([GOLDEN_CAPTION]).float()
     uncond = text.encode([""]).float()
     eps = unet(x, t, ctx)
-    z = sample(unet, noise, ctx, uncond, num_steps=5, guidance=SAMPLE_GUIDANCE)
+    z = sample(unet, noise, ctx, uncond, num_steps=5, guidance=SAMPLE_GUIDANCE, alphas=alphas)
     image = vae.decode_latents(z[:, :, 0])
     return {"context": ctx, "eps": eps, "sample_latent": z, "sample_image": image}
 
 
 def write_golden(out: Path, unet, vae, text) -> None:
-    save_safetensors(golden_outputs(unet, vae, text), out / "golden.safetensors",
+    save_safetensors(golden_outputs(unet, vae, text, read_schedule(out)), out / "golden.safetensors",
                      metadata={"caption": GOLDEN_CAPTION, "note": "see tests/test_mini_model.py"})
 
 
