@@ -150,7 +150,7 @@ def test_plan_counts_runs_and_seconds():
         ["--clips", "2", "--seeds", "0,1,2", "--methods", "ei2,untuned", "--steps", "10"]))
     clips = suite(2, list(parse.ATTRIBUTES))
     t = benchmark.SECONDS
-    base, edits = t["load"] + 25 * t["inversion_step"], 3 * 25 * t["edit_step"]
+    base, edits = t["load"] + 25 * t["inversion_step"], 3 * (25 * t["edit_step"] + t["score_edit"])
     assert args.chart_only == ["tav", "sca_stam", *benchmark.FIG4_METHODS.split(",")]
     expect = 2 * (3 * (base + edits + 10 * t["tuning_step"]) + base + edits) + 7 * (base + 10 * t["tuning_step"]) \
         + 2 * t["diagnose"]

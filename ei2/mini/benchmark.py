@@ -70,9 +70,10 @@ DEFAULT_STEPS, DEFAULT_LR = 100, 3e-4  # the module docstring says how this was 
 DIAGNOSE_SETS = {"diagnose": ["tav", "sca_stam", "ei2"],
                  "diagnose-fig4": ["tav", *FIG4_METHODS.split(","), "sca_stam"]}
 # seconds, measured on weights/mini, one thread, this project's 2-core CPU with the other core busy (2026-11-30): one
-# run's model loading and encoding, a tuning step, an inversion step, a guided DDIM step of an edit, one ei2.diagnose
-# chart. A larger model takes longer: the projection printed after each run is measured.
-SECONDS = {"load": 7.0, "tuning_step": 0.25, "inversion_step": 0.12, "edit_step": 0.18, "diagnose": 60.0}
+# run's model loading and encoding, a tuning step, an inversion step, a guided DDIM step of an edit, scoring one
+# edited clip, one ei2.diagnose chart. A larger model takes longer: the projection printed after each run is measured.
+SECONDS = {"load": 1.0, "tuning_step": 0.25, "inversion_step": 0.12, "edit_step": 0.18, "score_edit": 0.5,
+           "diagnose": 10.0}
 # paired differences (a - b over the same clip, edit and seed; the untuned floor has one seed): the paper's claims
 PAIRS = [("ei2", "tav", "EI² vs Tune-A-Video"), ("sca_stam", "tav", "STAM vs TA (both SCA): editing power"),
          ("ei2", "sca_stam", "FFAM vs SCA (both STAM): consistency"), ("ei2", "untuned", "EI² vs the untuned floor"),
@@ -357,7 +358,7 @@ def plan(args, clips: list[dict]) -> tuple[int, float]:
     base = t["load"] + args.inversion_steps * t["inversion_step"]
     runs, seconds = 0, 0.0
     for clip in clips:
-        edits = len(clip["edits"]) * args.inference_steps * t["edit_step"]
+        edits = len(clip["edits"]) * (args.inference_steps * t["edit_step"] + t["score_edit"])
         for m in args.method_list:
             n = len(args.seed_list) if VARIANTS[m].tuned else 1
             runs += n
