@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from tiny_model import write_random_model
 
-from ei2.mini import benchmark, parse, world
-from ei2.mini.benchmark import COLUMNS, aggregate, main, sample_metrics, suite, summarize
+from ei2.mini import benchmark, parse, suite_clips, world
+from ei2.mini.benchmark import COLUMNS, aggregate, main, suite, summarize
 from ei2.mini.samples import HELD_OUT
 from ei2.unet import VARIANTS, UNet, UNetConfig, mark_trainable
 
@@ -116,9 +116,10 @@ def test_suite_edits_and_ideal_scores():
             assert want["motion"] == src["motion"] and len(set(want["objects"])) == len(want["objects"])
             assert all(c != want["background"] for c, _ in want["objects"])
             assert all((c, s, want["background"]) not in HELD_OUT for c, s in want["objects"])
-            m = sample_metrics(e["ideal"], e, clip["caption"])  # the ideal edit scores perfectly
-            assert (m["align_edited"], m["align_kept"], m["consistency"]) == (1.0, 1.0, 1.0)
-            assert m["iou"] == 1.0 and m["trajectory_px"] == 0.0 and m["bg_change"] < 0.1  # anti-aliased rims
+            m = parse.flat_scores(suite_clips.edit_metrics(e["ideal"], e, clip["caption"]))  # the ideal is perfect
+            assert (m["edited_attribute_match"], m["kept_attributes_match"], m["attribute_stability"]) == (1, 1, 1)
+            assert m["mask_iou_vs_source"] == 1.0 and m["trajectory_error_px"] == 0.0
+            assert m["background_change"] < 0.1  # anti-aliased rims
 
 
 def test_paired_differences_by_hand():

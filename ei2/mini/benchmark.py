@@ -56,7 +56,7 @@ from ..pipeline import (Phase, encode_video, invert, load_models, make_optimizer
 from ..tuned import save_tuned
 from ..unet import VARIANTS, Variant
 from ..video import frame_grid, to_uint8, write_image
-from . import parse, suite_clips, world
+from . import parse, suite_clips
 from .suite_clips import CLIPS, DEFAULT_CLIPS, suite
 
 
