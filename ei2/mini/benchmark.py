@@ -3,6 +3,7 @@
     python -m ei2.mini.benchmark                       # the default suite (prints its size and time estimate)
     python -m ei2.mini.benchmark --model weights/mini16 # another model folder
     python -m ei2.mini.benchmark --quick               # 1 clip, 1 edit, 1 seed, EI² vs Tune-A-Video (CI)
+    python -m ei2.mini.benchmark --methods untuned --seeds 0 --clips 8 --no-diagnose  # the floor alone (~2 min)
     python -m ei2.mini.benchmark --methods ei2,tav,sca_stam --seeds 0,1,2 --steps 150 --clips 8
 
 The suite (ei2.mini.suite_clips): clips whose motion must be kept (translation, orbit, growth), one object or two
