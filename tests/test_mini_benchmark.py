@@ -200,3 +200,13 @@ def test_numeric_flags_are_checked_by_the_config_table(argv, said, capsys, tmp_p
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_sample_metrics_of_a_two_object_edit():
+    """The benchmark's record of a two-object edit: the per-object attribute fractions, scored per object."""
+    clip = next(c for c in suite(len(benchmark.CLIPS), ["color"]) if c["n_objects"] == 2)
+    e = clip["edits"][0]
+    m = benchmark.sample_metrics(clip["frames"], e, clip["caption"])  # the model returned the source unchanged
+    assert set(m["parsed_attributes"]) == {"color0", "shape0", "color1", "shape1", "background"}
+    assert m["parsed_attributes"][f"color{e['target']}"] == 0.0 and m["align_edited"] == 0.0
+    assert m["align_kept"] == 1.0 and m["iou"] == 1.0 and m["trajectory_px"] == 0.0
