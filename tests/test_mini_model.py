@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ei2.ddim import alphas_cumprod
+from ei2.ddim import alphas_cumprod, schedule
 from ei2.mini import pretrain, samples, world
 from ei2.text import TextEncoder
 from ei2.unet import UNet, UNetConfig
 from ei2.vae import AutoencoderKL, VAEConfig
-from ei2.weights import read_state_dict
+from ei2.weights import read_schedule, read_state_dict
 
 MODEL = Path(__file__).resolve().parents[1] / "weights" / "mini"
 pytestmark = pytest.mark.skipif(not (MODEL / "golden.safetensors").is_file(),
@@ -61,17 +61,22 @@ def test_sd_folder_layout_in_fp16_and_small():
 
 
 def test_configs_hold_every_field_the_loaders_need():
+    log = json.loads((MODEL / "train_log.json").read_text())
+    vae_config, unet_config = pretrain.configs(log["args"].get("downsample", 8))
     unet_cfg = json.loads((MODEL / "unet/config.json").read_text())
-    assert UNetConfig.from_dict(unet_cfg) == pretrain.UNET_CONFIG
+    assert UNetConfig.from_dict(unet_cfg) == unet_config
     text_cfg = json.loads((MODEL / "text_encoder/config.json").read_text())
     assert unet_cfg["cross_attention_dim"] == text_cfg["hidden_size"]
-    assert unet_cfg["attention_head_dim"] == pretrain.UNET_CONFIG.attention_head_dim  # SD v1: the number of heads
+    assert unet_cfg["attention_head_dim"] == unet_config.attention_head_dim  # SD v1: the number of heads
     vae_cfg = VAEConfig.from_dict(json.loads((MODEL / "vae/config.json").read_text()))
-    assert vae_cfg.block_out_channels == pretrain.VAE_CONFIG.block_out_channels and vae_cfg.sample_size == world.SIZE
+    assert vae_cfg.block_out_channels == vae_config.block_out_channels and vae_cfg.sample_size == world.SIZE
     assert 0.05 < vae_cfg.scaling_factor < 20
+    # the schedule it was trained with: SD's, shifted to SNR'(t) = s SNR(t) (ei2.ddim.snr_shifted) when s != 1
+    shift = log["args"].get("snr_shift", 1.0)
     sched = json.loads((MODEL / "scheduler/scheduler_config.json").read_text())
-    betas = torch.linspace(sched["beta_start"] ** 0.5, sched["beta_end"] ** 0.5, sched["num_train_timesteps"]) ** 2
-    assert torch.equal(torch.cumprod(1 - betas, 0), alphas_cumprod())
+    snr = lambda a: a / (1 - a)  # noqa: E731
+    torch.testing.assert_close(snr(schedule(sched).double()) / snr(alphas_cumprod().double()),
+                               torch.full((1000,), shift, dtype=torch.float64), rtol=1e-3, atol=0)
 
 
 def test_tokenizer_has_one_token_per_word(models):
@@ -86,14 +91,14 @@ def test_golden_eps(models, golden):
     unet, vae, text = models
     ctx = text.encode([samples.GOLDEN_CAPTION]).float()
     torch.testing.assert_close(ctx, golden["context"], atol=1e-5, rtol=1e-4)
-    x, _, t = samples.golden_inputs(vae.config.sample_size // 8)
+    x, _, t = samples.golden_inputs(samples.latent_size(vae))
     with torch.no_grad():
         eps = unet(x, t, ctx)
     torch.testing.assert_close(eps, golden["eps"], atol=1e-4, rtol=1e-3)
 
 
 def test_golden_five_step_ddim_sample(models, golden):
-    out = samples.golden_outputs(*models)
+    out = samples.golden_outputs(*models, read_schedule(MODEL))
     torch.testing.assert_close(out["sample_latent"], golden["sample_latent"], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(out["sample_image"], golden["sample_image"], atol=2e-3, rtol=1e-3)
 
@@ -103,7 +108,7 @@ def test_inflated_unet_with_one_frame_is_the_image_model(models):
     self-attention and STAM is the identity, so the inflated UNet reproduces the image model."""
     unet, vae, text = models
     video = UNet.from_pretrained(MODEL).eval()  # default VideoOptions: ffam + stam
-    x, _, t = samples.golden_inputs(vae.config.sample_size // 8)
+    x, _, t = samples.golden_inputs(samples.latent_size(vae))
     ctx = text.encode(["a blue square on a black background"])
     with torch.no_grad():
         torch.testing.assert_close(video(x, t, ctx), unet(x, t, ctx), atol=1e-5, rtol=1e-4)
@@ -124,7 +129,7 @@ def test_samples_read_as_their_captions(models):
     from ei2.mini.parse import parse_frame
 
     captions = ["a red circle on a white background"] * 4 + ["a blue square on a black background"] * 4
-    images = samples.generate(*models, captions, seed=5, steps=25)
+    images = samples.generate(*models, captions, seed=5, steps=25, alphas=read_schedule(MODEL))
     ok = 0
     for im, cap in zip(images, captions):
         want, got = world.parse_caption(cap), parse_frame(im)

@@ -37,14 +37,14 @@ def demo():
     x0 = to_video(posterior.mean * models.vae.config.scaling_factor)
     empty = models.text.encode([""])
     with torch.no_grad():
-        x_T = ddim.invert(models.unet, x0, empty, num_steps=STEPS)
+        x_T = ddim.invert(models.unet, x0, empty, num_steps=STEPS, alphas=models.alphas)
     yield source, models, posterior, x0, x_T, empty
     torch.set_num_threads(before)
 
 
 def rendered(models, x_T, context, empty, guidance):
     with torch.no_grad():
-        z = ddim.sample(models.unet, x_T, context, empty, num_steps=STEPS, guidance=guidance)
+        z = ddim.sample(models.unet, x_T, context, empty, num_steps=STEPS, guidance=guidance, alphas=models.alphas)
     return z, to_uint8(decode(models, to_frames(z)))
 
 

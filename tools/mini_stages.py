@@ -34,6 +34,29 @@ def row(name: str, scores: dict) -> str:
     return "| " + name + " | " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in scores) + " |"
 
 
+@torch.no_grad()
+def snr_probe(models, source: np.ndarray, timesteps=(981, 801, 601, 401, 201, 101)) -> None:
+    """One denoising step from the clip noised to t (fixed noise): the x_0 the model predicts at guidance 1 and 7.5,
+    scored against the source. Shows down to which SNR the guided prediction keeps the layout."""
+    posterior = encode_video(models, torch.from_numpy(source).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    x0 = to_video(posterior.mean * models.vae.config.scaling_factor)
+    alphas = ddim.schedule({}) if models.alphas is None else models.alphas
+    context, empty = models.text.encode([CAPTION]), models.text.encode([""])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    print("| t | SNR | guidance 1: IoU | px | guidance 7.5: IoU | px |\n|---|---|---|---|---|---|")
+    for t in timesteps:
+        a = alphas[t]
+        x_t = ddim.add_noise(x0, noise, t, alphas)
+        scores = []
+        for g in (1.0, 7.5):
+            eps = ddim._eps(models.unet, x_t, torch.tensor(t), context, empty, g)
+            pred = (x_t - (1 - a) ** 0.5 * eps) / a**0.5
+            f = parse.structure_fidelity(to_uint8(decode(models, to_frames(pred))), source)
+            scores += [f["iou"], f["trajectory_error"]]
+        print(row(f"{t} | {float(a / (1 - a)):.3f}", scores), flush=True)
+    print()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="weights/mini")
@@ -42,6 +65,7 @@ def main() -> None:
     p.add_argument("--edit", action="append", help="edit prompts (default: colour, shape, both)")
     p.add_argument("--inversion-steps", type=int, default=25)
     p.add_argument("--inference-steps", type=int, default=25)
+    p.add_argument("--probe", action="store_true", help="first, one-step x_0 predictions from the noised clip per t")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = TrainConfig()
@@ -49,6 +73,8 @@ def main() -> None:
     source = world.demo_frames()
     models = load_models(args.model, VideoOptions(), torch.device("cpu"), "fp32")
     init_temporal_(models.unet, cfg.seed)
+    if args.probe:
+        snr_probe(models, source)
     posterior = encode_video(models, torch.from_numpy(source).permute(0, 3, 1, 2).float() / 127.5 - 1)
     print(f"| stage | IoU | trajectory px |\n|---|---|---|")
     with torch.no_grad():
@@ -63,7 +89,8 @@ def main() -> None:
     x_T = invert(models, posterior, args.inversion_steps, progress=False)
     empty = models.text.encode([""])
     with torch.no_grad():
-        z = ddim.sample(models.unet, x_T, empty, empty, num_steps=args.inference_steps, guidance=1.0)
+        z = ddim.sample(models.unet, x_T, empty, empty, num_steps=args.inference_steps, guidance=1.0,
+                        alphas=models.alphas)
     f = parse.structure_fidelity(to_uint8(decode(models, to_frames(z))), source)
     x0 = to_video(posterior.mean * models.vae.config.scaling_factor)
     err = float((z - x0).abs().mean() / x0.abs().mean())
