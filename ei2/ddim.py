@@ -52,11 +52,11 @@ def betas_of(alphas: Tensor) -> Tensor:
 
 def schedule(config: dict) -> Tensor:
     """alpha_t from a diffusers DDIMScheduler config (a model folder's scheduler/scheduler_config.json), as diffusers
-    computes it in float32: `trained_betas` when given, else SD's "scaled_linear" from beta_start and beta_end. The
-    rest must be SD v1's DDIM settings, which `timesteps`, `sample` and `invert` implement (ValueError otherwise)."""
-    sd = {"num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1,
-          "clip_sample": False, "timestep_spacing": "leading"}
-    for key, value in sd.items():
+    computes it in float32: `trained_betas` when given, else SD's "scaled_linear" from beta_start and beta_end.
+    What the model was trained for must be what ei2 implements (1000 steps, epsilon prediction; ValueError
+    otherwise); the sampler's own settings in the file (spacing, offset, final alpha) are not read: `timesteps`,
+    `sample` and `invert` always use SD v1's."""
+    for key, value in {"num_train_timesteps": 1000, "prediction_type": "epsilon"}.items():
         if config.get(key, value) != value:
             raise ValueError(f"{key} is {config[key]!r}; ei2's DDIM implements SD v1's {value!r}")
     if config.get("trained_betas") is not None:

@@ -94,6 +94,13 @@ def test_read_schedule_from_a_model_folder(tmp_path):
     assert torch.equal(read_schedule(tmp_path), ddim.schedule(scheduler_config(16.0)))
     write_config(tmp_path, SCHEDULER_CONFIG | {"beta_end": 0.02})
     assert torch.equal(read_schedule(tmp_path), ddim.alphas_cumprod(1000, 0.00085, 0.02))
+    # SD v1-4's published file (a PNDMScheduler config) and sampler settings ei2 does not take from the file: SD's
+    pndm = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+            "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+            "trained_betas": None, "clip_sample": False}
+    for config in (pndm, pndm | {"set_alpha_to_one": True, "timestep_spacing": "trailing", "steps_offset": 0}):
+        write_config(tmp_path, config)
+        assert torch.equal(read_schedule(tmp_path), ddim.alphas_cumprod())
 
 
 @pytest.mark.parametrize("change, message", [
