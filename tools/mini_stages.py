@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ei2 import ddim
 from ei2.cache import init_temporal_
-from ei2.config import TrainConfig
+from ei2.config import load_config
 from ei2.mini import parse, world
 from ei2.pipeline import (decode, encode_video, invert, load_models, make_optimizer, render, to_frames, to_video,
                           tune_steps)
 from ei2.unet import VideoOptions
 from ei2.video import to_uint8
 
-CAPTION = "a red circle moving right on a white background"
+DEMO = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")  # lr, weight decay, clip, seed
+CAPTION = DEMO.caption
 EDITS = ["a blue circle moving right on a white background", "a red square moving right on a white background",
          "a blue square moving right on a white background"]
 
@@ -68,7 +70,7 @@ def main() -> None:
     p.add_argument("--probe", action="store_true", help="first, one-step x_0 predictions from the noised clip per t")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = TrainConfig()
+    cfg = DEMO
     t0 = time.time()
     source = world.demo_frames()
     models = load_models(args.model, VideoOptions(), torch.device("cpu"), "fp32")
@@ -82,7 +84,7 @@ def main() -> None:
     f = parse.structure_fidelity(vae, source)
     print(row("VAE", [f["iou"], f["trajectory_error"]]), flush=True)
     if args.steps:
-        opt = make_optimizer(models.unet, 3e-4, cfg.weight_decay)
+        opt = make_optimizer(models.unet, cfg.learning_rate, cfg.weight_decay)
         tune_steps(models, posterior, models.text.encode([CAPTION]), opt, torch.Generator().manual_seed(cfg.seed), 0,
                    args.steps, cfg.grad_clip, progress=False)
     models.unet.eval()
