@@ -32,6 +32,7 @@ from .video import RESIZES
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = r"auto|cpu|cuda(:\d+)?|mps"  # the pattern of a device name
 SCORES = ("none", "mini")
+INVERSION_PROMPTS = ("empty", "caption")
 
 
 def _key(default, help: str):
@@ -60,6 +61,8 @@ class TrainConfig:
     guidance: float = _key(7.5, "classifier-free guidance scale of the edits (paper: 7.5; 1 turns it off)")
     inference_steps: int = _key(50, "DDIM steps when rendering edits")
     inversion_steps: int = _key(50, "DDIM inversion steps that give the edits' starting noise")
+    inversion_prompt: str = _key("empty", "the inversion's prompt: empty (Tune-A-Video's; the paper does not say) or "
+                                          "caption (the video's caption)")
     frame_attention: str = _key("ffam", "attn1 of each transformer: ffam (EI²), sca (Tune-A-Video), self, full")
     ratio: int = _key(2, "FFAM ratio r: stride of the other frames' coarse token grid")
     temporal: str = _key("stam", "temporal module: stam (EI²), ta (Tune-A-Video) or none")
@@ -376,7 +379,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in RANGES:
         check_value(name, getattr(cfg, name))
     video_options(cfg)  # frame_attention, temporal, temporal_norm, resnet_norm: VideoOptions checks their values
-    for name, value, allowed in (("precision", cfg.precision, PRECISIONS), ("score", cfg.score, SCORES)):
+    for name, value, allowed in (("precision", cfg.precision, PRECISIONS), ("score", cfg.score, SCORES),
+                                 ("inversion_prompt", cfg.inversion_prompt, INVERSION_PROMPTS)):
         if value not in allowed:
             raise Ei2Error(_not_one_of(name, value, allowed))
     for i, prompt in enumerate(cfg.edit_prompts):

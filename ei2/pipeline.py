@@ -293,14 +293,17 @@ def all_finite(tensors) -> bool:
 
 
 @torch.no_grad()
-def invert(models: Models, posterior, num_steps: int, progress: bool = True) -> torch.Tensor:
-    """DDIM inversion of the clip with the tuned UNet (Tune-A-Video: empty prompt, no guidance): x_0 -> x_T.
+def invert(models: Models, posterior, num_steps: int, progress: bool = True, prompt: str = "") -> torch.Tensor:
+    """DDIM inversion of the clip with the tuned UNet, no guidance: x_0 -> x_T. The paper does not say with which
+    prompt; Tune-A-Video inverts with the empty one (the default), `prompt` = the clip's caption is config
+    `inversion_prompt: caption`.
 
     x_0 is the posterior mean (Tune-A-Video draws a sample; the mean makes the inversion deterministic)."""
     x0 = to_video(posterior.mean.float() * models.vae.config.scaling_factor)
-    empty = models.text.encode([""])
+    context = models.text.encode([prompt])
     with models.autocast():
-        return ddim.invert(models.unet, x0, empty, num_steps=num_steps, progress=progress, alphas=models.alphas).float()
+        return ddim.invert(models.unet, x0, context, num_steps=num_steps, progress=progress,
+                           alphas=models.alphas).float()
 
 
 @torch.no_grad()

@@ -96,11 +96,13 @@ def run_locked(cfg, out: Path, resume: bool, progress: bool, device, precision, 
                    "base_fingerprint": base_fingerprint(cfg.model), "inverted_shape": list(to_video(posterior.mean).shape)})
         on_event({"phase": "invert"})
         with Phase(device, memory=False) as inversion:
-            x_T = invert(models, posterior, cfg.inversion_steps, progress=progress)
+            x_T = invert(models, posterior, cfg.inversion_steps, progress=progress,
+                         prompt=cfg.caption if cfg.inversion_prompt == "caption" else "")
         timings["inversion_s"] = inversion.seconds
     log["peak_memory_gib"]["training"] = training.peak_gib
     save_safetensors({"latent": x_T.float()}, out / "inverted.safetensors",
-                     metadata={"caption": cfg.caption, "inversion_steps": str(cfg.inversion_steps)})
+                     metadata={"caption": cfg.caption, "inversion_steps": str(cfg.inversion_steps),
+                               "inversion_prompt": cfg.inversion_prompt})
 
     with Phase(device) as inference:
         source = to_uint8(frames)

@@ -127,6 +127,7 @@ def test_file_errors(tmp_path):
     (["--inference_steps", "0"], "inference_steps=0 must be in 1..1000"),
     (["--ratio", "0"], "ratio=0 must be >= 1"),
     (["--precision", "fp8"], "precision='fp8' is not one of auto, fp32, bf16, fp16"),
+    (["--inversion_prompt", "source"], "inversion_prompt='source' is not one of empty, caption"),
     (["--frame_attention", "sparse"], "frame_attention='sparse' is not one of"),
     (["--temporal", "tam"], "temporal='tam' is not one of"),
     (["--temporal_norm", "batchnorm"], "temporal_norm='batchnorm' is not one of"),

@@ -100,6 +100,24 @@ def test_tuned_checkpoint_holds_exactly_the_trainable_tensors(finished):
     assert not torch.equal(tuned[key], base[key])
 
 
+def test_inversion_prompt_caption_inverts_with_the_caption(assets, tmp_path):
+    """inversion_prompt: caption -> x_T = DDIM inversion conditioned on the caption (the demo's setting), not on ""."""
+    out = tmp_path / "run"
+    cfg = cfg_for(assets, out, steps=0, inversion_prompt="caption")
+    run(cfg, progress=False)
+    unet = load_tuned_unet(cfg.model, out / "tuned.safetensors").eval()
+    vae, text = AutoencoderKL.from_pretrained(cfg.model), TextEncoder.from_pretrained(cfg.model)
+    frames = read_frames(cfg.video, cfg.n_frames, cfg.start, cfg.stride, cfg.size)
+    with torch.no_grad():
+        x0 = (vae.encode(frames).mean * vae.config.scaling_factor).transpose(0, 1)[None]
+        by_caption = ddim.invert(unet, x0, text.encode([cfg.caption]), cfg.inversion_steps)
+        by_empty = ddim.invert(unet, x0, text.encode([""]), cfg.inversion_steps)
+    stored = read_state_dict(out / "inverted.safetensors")["latent"]
+    assert torch.equal(stored, by_caption) and not torch.allclose(stored, by_empty)
+    with safe_open(str(out / "inverted.safetensors"), "pt") as f:
+        assert f.metadata()["inversion_prompt"] == "caption"
+
+
 def test_edit_reproduces_the_training_edit(finished, tmp_path):
     out, cfg = finished
     copy = tmp_path / "run"

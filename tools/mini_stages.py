@@ -67,6 +67,8 @@ def main() -> None:
     p.add_argument("--edit", action="append", help="edit prompts (default: colour, shape, both)")
     p.add_argument("--inversion-steps", type=int, default=25)
     p.add_argument("--inference-steps", type=int, default=25)
+    p.add_argument("--invert-with", choices=("empty", "caption"), default="empty",
+                   help="the inversion's prompt: \"\" (Tune-A-Video's, the default) or the source caption")
     p.add_argument("--probe", action="store_true", help="first, one-step x_0 predictions from the noised clip per t")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -88,10 +90,11 @@ def main() -> None:
         tune_steps(models, posterior, models.text.encode([CAPTION]), opt, torch.Generator().manual_seed(cfg.seed), 0,
                    args.steps, cfg.grad_clip, progress=False)
     models.unet.eval()
-    x_T = invert(models, posterior, args.inversion_steps, progress=False)
-    empty = models.text.encode([""])
+    inversion_prompt = CAPTION if args.invert_with == "caption" else ""
+    x_T = invert(models, posterior, args.inversion_steps, progress=False, prompt=inversion_prompt)
+    context, empty = models.text.encode([inversion_prompt]), models.text.encode([""])
     with torch.no_grad():
-        z = ddim.sample(models.unet, x_T, empty, empty, num_steps=args.inference_steps, guidance=1.0,
+        z = ddim.sample(models.unet, x_T, context, empty, num_steps=args.inference_steps, guidance=1.0,
                         alphas=models.alphas)
     f = parse.structure_fidelity(to_uint8(decode(models, to_frames(z))), source)
     x0 = to_video(posterior.mean * models.vae.config.scaling_factor)
@@ -110,7 +113,7 @@ def main() -> None:
             print(row(f"{prompt.split(' moving')[0]} | {g:g}",
                       [s["edited_attribute_match"], s["kept_attributes_match"], s["mask_iou_vs_ideal"],
                        s["trajectory_error_vs_ideal_px"]]), flush=True)
-    print(f"\n{args.model}, {args.steps} tuning steps, {time.time() - t0:.0f} s", flush=True)
+    print(f"\n{args.model}, {args.steps} tuning steps, inverted with {args.invert_with!r}, {time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

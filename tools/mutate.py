@@ -277,7 +277,7 @@ MUTATIONS = [
              [SCH + "test_read_schedule_from_a_model_folder", SCH + "test_the_job_uses_the_model_folders_schedule"],
              "the folder's schedule is not read"),
     Mutation("inversion_with_sd_schedule", "ei2/pipeline.py",
-             [("progress=progress, alphas=models.alphas).float()", "progress=progress).float()")],
+             [("alphas=models.alphas).float()", ").float()")],
              [SCH + "test_the_job_uses_the_model_folders_schedule"], "inversion ignores the model's schedule"),
     Mutation("render_with_sd_schedule", "ei2/pipeline.py",
              [("guidance=guidance, progress=progress, alphas=models.alphas)", "guidance=guidance, progress=progress)")],
@@ -286,6 +286,15 @@ MUTATIONS = [
              [("alphas = (ddim.alphas_cumprod() if models.alphas is None else models.alphas).to(device)",
                "alphas = ddim.alphas_cumprod().to(device)")],
              [SCH + "test_the_job_uses_the_model_folders_schedule"], "tuning's x_t ignores the model's schedule"),
+    Mutation("inversion_prompt_ignored", "ei2/train.py",
+             [('prompt=cfg.caption if cfg.inversion_prompt == "caption" else "")', 'prompt="")')],
+             ["tests/test_train.py::test_inversion_prompt_caption_inverts_with_the_caption"],
+             "inversion_prompt: caption inverts with \"\""),
+    Mutation("inversion_prompt_unused", "ei2/pipeline.py",
+             [("context = models.text.encode([prompt])\n    with models.autocast():\n        return ddim.invert",
+               "context = models.text.encode([\"\"])\n    with models.autocast():\n        return ddim.invert")],
+             ["tests/test_train.py::test_inversion_prompt_caption_inverts_with_the_caption"],
+             "pipeline.invert ignores its prompt"),
 ]
 
 
