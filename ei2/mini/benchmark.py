@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from .. import diagnose as diag
-from ..config import check_value
+from ..config import INVERSION_PROMPTS, check_value
 from ..errors import Ei2Error, cli_main
 from ..files import atomic_path, check_writable_dir
 from ..pipeline import (Phase, encode_video, invert, load_models, make_optimizer, render, resolve_device,
@@ -67,6 +67,8 @@ FIG4_METHODS = "ta_ln,ta_ln_noaffine,ta_no_norm,ta_instancenorm,ta_ic"
 QUICK_METHODS = "ei2,tav"
 DEFAULT_SEEDS = "0,1,2"
 DEFAULT_STEPS, DEFAULT_LR = 100, 3e-4  # the module docstring says how this was chosen
+# the demo's editing settings (configs/demo.yaml; docs/mini.md, "The inversion prompt and the guidance")
+DEFAULT_GUIDANCE, DEFAULT_INVERSION_PROMPT = 1.25, "caption"
 # covariate-shift charts (ei2.diagnose) of the methods tuned on the first clip: TA vs STAM, and Fig. 4's norm variants
 DIAGNOSE_SETS = {"diagnose": ["tav", "sca_stam", "ei2"],
                  "diagnose-fig4": ["tav", *FIG4_METHODS.split(","), "sca_stam"]}
@@ -114,7 +116,8 @@ def run_one(args, variant: Variant, clip: dict, seed: int, device, precision: st
                 tune_steps(models, posterior, models.text.encode([clip["caption"]]), optimizer, generator, 0, steps,
                            1.0, on_sync=lambda step, values: losses.extend(values), progress=False)
         with Phase(device, memory=False) as inversion:
-            x_T = invert(models, posterior, args.inversion_steps, progress=False)
+            x_T = invert(models, posterior, args.inversion_steps, progress=False,
+                         prompt=clip["caption"] if args.inversion_prompt == "caption" else "")
     if tuned_path is not None:
         save_tuned(models.unet, tuned_path, args.model, {"steps": steps, "caption": clip["caption"]})
     with Phase(device, memory=False) as rendering:
@@ -256,7 +259,8 @@ def write_results(out: Path, settings: dict, table: list[dict], samples: list[di
     md = [f"# Mini benchmark ({settings['status']})", "",
           f"model `{settings['model']}`, {settings['steps']} tuning steps at lr {settings['lr']:g}, seeds "
           f"{settings['seeds']}, {settings['inversion_steps']} inversion / {settings['inference_steps']} DDIM steps, "
-          f"guidance {settings['guidance']}, device {settings['device']}.", "",
+          f"guidance {settings['guidance']}, inverted with the {settings.get('inversion_prompt', 'empty')} prompt, "
+          f"device {settings['device']}.", "",
           "mean ± std over seeds (std of the per-seed means over clips x edits); n = edited clips per method. "
           "Tuning time and memory per tuning run (memory: " + settings["memory"] + ").", "", format_table(table), "",
           format_paired(pairs), ""]
@@ -316,7 +320,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--edits", default="color,shape,background", help="comma list of edit kinds (default all three)")
     p.add_argument("--inference-steps", type=int, default=25, help="DDIM steps of each edit (default 25)")
     p.add_argument("--inversion-steps", type=int, default=25, help="DDIM inversion steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the edits (default 7.5)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance of the edits (default {DEFAULT_GUIDANCE:g}, the demo's; paper: 7.5)")
+    p.add_argument("--inversion-prompt", choices=INVERSION_PROMPTS, default=DEFAULT_INVERSION_PROMPT,
+                   help=f"invert with the clip's caption or with \"\" (empty, Tune-A-Video's; default "
+                        f"{DEFAULT_INVERSION_PROMPT}, the demo's)")
     p.add_argument("--quick", action="store_true", help="1 clip, 1 edit (color), first seed, ei2 and tav (for CI)")
     p.add_argument("--no-diagnose", action="store_true",
                    help="skip the ei2.diagnose covariate-shift charts (and the Fig. 4 variants' tuning for them)")
@@ -386,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
                                              else "") + f", {args.steps} steps at lr {args.lr:g}: {n_runs} runs, "
           f"about {estimate / 60:.0f} min on weights/mini (ei2.mini.benchmark.SECONDS)", flush=True)
     settings = {k: getattr(args, k) for k in ("model", "steps", "lr", "inference_steps", "inversion_steps",
-                                              "guidance")} | {
+                                              "guidance", "inversion_prompt")} | {
         "seeds": args.seed_list, "methods": args.method_list, "device": str(device), "precision": precision,
         "threads": torch.get_num_threads(),
         "memory": ("CUDA allocator" if device.type == "cuda" else "resident memory, CPU") + ": peak increase over the "
