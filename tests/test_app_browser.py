@@ -24,7 +24,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test n
 pytest.importorskip("gradio", reason="the web page needs the app extra (gradio)")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium; .ci/run "
                                                           "does it)")
-EDIT = "a blue square moving right on a white background"
+DEMO = load_config(ROOT / "configs" / "demo.yaml")
+EDIT = DEMO.edit_prompts[0]  # the page starts with the demo's settings and prompt
 REEDIT = "a green triangle moving right on a white background"
 TIMEOUT = 240_000  # ms, for one job on a loaded 2-core CPU
 
@@ -124,7 +125,7 @@ def scenario(server, page, tmp_path):
     assert int(read_tuned_metadata(run / "tuned.safetensors")["steps"]) == 4
     edits = json.loads((run / "edits.json").read_text())
     assert metrics == metrics_line(EDIT, edits[0]["mini_metrics"])
-    assert "00-a-blue-square" in page.locator("#edit-video video").get_attribute("src")
+    assert "00-a-red-square" in page.locator("#edit-video video").get_attribute("src")
     page.wait_for_selector("#comparison-video video[src]")
     page.wait_for_selector("#grid img[src]")
     shot = tmp_path / "app.png"
@@ -148,7 +149,7 @@ def scenario(server, page, tmp_path):
     page.wait_for_selector("#reedit-video video[src*='01-a-green-triangle']")
     assert "done: " in wait_text(page, "reedit-status", "done: ")
     edits = json.loads((run / "edits.json").read_text())
-    assert [(e["prompt"], e["guidance"]) for e in edits] == [(EDIT, 7.5), (REEDIT, 5)]
+    assert [(e["prompt"], e["guidance"]) for e in edits] == [(EDIT, DEMO.guidance), (REEDIT, 5)]
     page.wait_for_function("([a, b]) => [...document.querySelectorAll('#gallery img')].map(i => i.alt).join('|') "
                            "=== a + '|' + b", arg=[EDIT, REEDIT])
 

@@ -104,7 +104,7 @@ def build(runs: str | Path) -> gr.Blocks:
             re_prompt = gr.Textbox(label="new edit prompt", elem_id="reedit-prompt")
             re_vocab = gr.Markdown(elem_id="reedit-vocab")
             with gr.Row():
-                re_guidance = gr.Number(7.5, label="guidance", elem_id="reedit-guidance")
+                re_guidance = gr.Number(start["guidance"], label="guidance", elem_id="reedit-guidance")
                 render = gr.Button("Render", variant="primary", elem_id="render")
             re_status = gr.Textbox(label="progress", lines=2, interactive=False, elem_id="reedit-status")
             re_video = gr.Video(label="new edit", interactive=False, loop=True, height=260, elem_id="reedit-video")
