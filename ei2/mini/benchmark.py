@@ -11,7 +11,8 @@ The suite (ei2.mini.suite_clips): clips whose motion must be kept (translation, 
 objects the colour or shape of ONE object, and the other must stay) x --seeds. For every method, clip and seed the
 inflated model is tuned on the clip and its caption (ei2.pipeline.tune_steps: AdamW, weight decay 1e-2, gradient clip
 1.0, as `python -m ei2.train`; same steps, lr and seeds for all methods), the clip is DDIM-inverted with the tuned
-model (ei2.pipeline.invert) and every edit prompt is rendered from that latent (ei2.pipeline.render). The seed fixes
+model (ei2.pipeline.invert) and every edit prompt is rendered from that latent (ei2.pipeline.render), with the demo's
+editing settings by default (DEFAULT_GUIDANCE, DEFAULT_INVERSION_PROMPT: docs/mini.md says why). The seed fixes
 the fresh temporal modules' initialization and the tuning's noise; inversion and rendering are deterministic. Each
 edited clip is scored against its prompt and its ideal edit (world.edit_clip: same motion, edited attributes), whose
 masks and centroids are the fidelity reference: one object by ei2.mini.parse.clip_metrics, two objects per object by
