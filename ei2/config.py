@@ -388,5 +388,10 @@ def validate(cfg: TrainConfig) -> None:
             raise Ei2Error(f"edit prompt {i + 1} is empty; remove it or write the edit")
 
 
+def inversion_text(inversion_prompt: str, caption: str) -> str:
+    """The text the clip is DDIM-inverted with: `inversion_prompt` "caption" -> the caption, "empty" -> ""."""
+    return caption if inversion_prompt == "caption" else ""
+
+
 def _not_one_of(name: str, value, allowed) -> str:
     return f"{name}={value!r} is not one of {', '.join(str(a) for a in allowed)}"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .cache import load as load_fresh
-from .config import add_help, load_config, save_config
+from .config import add_help, inversion_text, load_config, save_config
 from .errors import Ei2Error, cli_main
 from .files import RunLock, check_writable_dir, clean_stale_temp_files, slug, write_json
 from .mini import world
@@ -97,7 +97,7 @@ def run_locked(cfg, out: Path, resume: bool, progress: bool, device, precision, 
         on_event({"phase": "invert"})
         with Phase(device, memory=False) as inversion:
             x_T = invert(models, posterior, cfg.inversion_steps, progress=progress,
-                         prompt=cfg.caption if cfg.inversion_prompt == "caption" else "")
+                         prompt=inversion_text(cfg.inversion_prompt, cfg.caption))
         timings["inversion_s"] = inversion.seconds
     log["peak_memory_gib"]["training"] = training.peak_gib
     save_safetensors({"latent": x_T.float()}, out / "inverted.safetensors",

@@ -19,7 +19,7 @@ import torch
 
 from ei2 import ddim
 from ei2.cache import init_temporal_
-from ei2.config import load_config
+from ei2.config import inversion_text, load_config
 from ei2.mini import parse, world
 from ei2.pipeline import (decode, encode_video, invert, load_models, make_optimizer, render, to_frames, to_video,
                           tune_steps)
@@ -90,7 +90,7 @@ def main() -> None:
         tune_steps(models, posterior, models.text.encode([CAPTION]), opt, torch.Generator().manual_seed(cfg.seed), 0,
                    args.steps, cfg.grad_clip, progress=False)
     models.unet.eval()
-    inversion_prompt = CAPTION if args.invert_with == "caption" else ""
+    inversion_prompt = inversion_text(args.invert_with, CAPTION)
     x_T = invert(models, posterior, args.inversion_steps, progress=False, prompt=inversion_prompt)
     context, empty = models.text.encode([inversion_prompt]), models.text.encode([""])
     with torch.no_grad():

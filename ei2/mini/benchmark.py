@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from .. import diagnose as diag
-from ..config import INVERSION_PROMPTS, check_value
+from ..config import INVERSION_PROMPTS, check_value, inversion_text
 from ..errors import Ei2Error, cli_main
 from ..files import atomic_path, check_writable_dir
 from ..pipeline import (Phase, encode_video, invert, load_models, make_optimizer, render, resolve_device,
@@ -118,7 +118,7 @@ def run_one(args, variant: Variant, clip: dict, seed: int, device, precision: st
                            1.0, on_sync=lambda step, values: losses.extend(values), progress=False)
         with Phase(device, memory=False) as inversion:
             x_T = invert(models, posterior, args.inversion_steps, progress=False,
-                         prompt=clip["caption"] if args.inversion_prompt == "caption" else "")
+                         prompt=inversion_text(args.inversion_prompt, clip["caption"]))
     if tuned_path is not None:
         save_tuned(models.unet, tuned_path, args.model, {"steps": steps, "caption": clip["caption"]})
     with Phase(device, memory=False) as rendering:
