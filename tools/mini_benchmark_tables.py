@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ei2.mini import benchmark as b
 
@@ -25,7 +26,7 @@ def main() -> None:
     args = p.parse_args()
     samples, runs, methods = [], [], []
     for path in args.results:
-        data = json.loads(open(path, encoding="utf-8").read())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
         samples += data["samples"]
         runs += data["runs"]
         methods += [m for m in data["settings"]["methods"] if m not in methods]

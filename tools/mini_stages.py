@@ -19,7 +19,7 @@ import torch
 
 from ei2 import ddim
 from ei2.cache import init_temporal_
-from ei2.config import inversion_text, load_config
+from ei2.config import INVERSION_PROMPTS, inversion_text, load_config
 from ei2.mini import parse, world
 from ei2.pipeline import (decode, encode_video, invert, load_models, make_optimizer, render, to_frames, to_video,
                           tune_steps)
@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--edit", action="append", help="edit prompts (default: colour, shape, both)")
     p.add_argument("--inversion-steps", type=int, default=25)
     p.add_argument("--inference-steps", type=int, default=25)
-    p.add_argument("--invert-with", choices=("empty", "caption"), default="empty",
+    p.add_argument("--invert-with", choices=INVERSION_PROMPTS, default="empty",
                    help="the inversion's prompt: \"\" (Tune-A-Video's, the default) or the source caption")
     p.add_argument("--probe", action="store_true", help="first, one-step x_0 predictions from the noised clip per t")
     args = p.parse_args()
